@@ -1,0 +1,143 @@
+"""Frame codec: msgpack via msgspec, typed decoding, one error type.
+
+A frame is the msgpack array ``[schema_version, kind, body]`` where ``body`` is the message's
+fields as a msgpack array. ``numpy.ndarray`` fields travel as msgpack extension type
+``ARRAY_EXT`` whose payload is the msgpack array ``[dtype, shape, data]`` (``dtype`` a numpy
+type string such as ``"<f4"``, ``data`` the raw little-endian bytes). Nothing is pickled.
+
+``decode`` either returns a complete, validated message or raises ``ProtocolError`` saying
+what is wrong with the frame. It never returns half a message and never raises anything else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import numpy as np
+
+from protocols.messages import MESSAGE_TYPES, Message
+
+SCHEMA_VERSION = 1
+"""Version of the wire format; every frame carries it. Bump on any message change."""
+
+ARRAY_EXT = 1
+"""msgpack extension type code of an ndarray."""
+
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+"""Frames larger than this are rejected before parsing (weights travel as files, not frames)."""
+
+MAX_ARRAY_NDIM = 4
+
+ALLOWED_DTYPES = frozenset(
+    ["|b1", "|u1", "|i1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"]
+)
+"""The array element types that may travel; always little-endian."""
+
+
+class ProtocolError(ValueError):
+    """A frame could not be decoded into a valid message; the message says why."""
+
+
+KINDS: dict[str, type[Message]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
+
+
+def _enc_hook(obj: object) -> object:
+    if isinstance(obj, np.ndarray):
+        arr = obj
+        if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        dtype = arr.dtype.str
+        if dtype not in ALLOWED_DTYPES:
+            raise TypeError(f"arrays of dtype {arr.dtype} cannot travel (allowed: {sorted(ALLOWED_DTYPES)})")
+        if arr.ndim > MAX_ARRAY_NDIM:
+            raise TypeError(f"arrays with {arr.ndim} dimensions cannot travel (max {MAX_ARRAY_NDIM})")
+        payload = _ARRAY_ENCODER.encode((dtype, list(arr.shape), np.ascontiguousarray(arr).data))
+        return msgspec.msgpack.Ext(ARRAY_EXT, payload)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode object of type {type(obj).__name__}")
+
+
+_ARRAY_ENCODER = msgspec.msgpack.Encoder()
+_ARRAY_HEADER = msgspec.msgpack.Decoder(tuple[str, list[int], bytes])
+
+
+def _ext_hook(code: int, data: memoryview) -> object:
+    if code != ARRAY_EXT:
+        raise ValueError(f"unknown msgpack extension type {code}")
+    dtype_str, shape, buf = _ARRAY_HEADER.decode(data)
+    if dtype_str not in ALLOWED_DTYPES:
+        raise ValueError(f"array dtype {dtype_str!r} not allowed (allowed: {sorted(ALLOWED_DTYPES)})")
+    if len(shape) > MAX_ARRAY_NDIM or any(d < 0 for d in shape):
+        raise ValueError(f"bad array shape {shape}")
+    dtype = np.dtype(dtype_str)
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != len(buf):
+        raise ValueError(f"array of shape {shape} and dtype {dtype_str} needs {expected} bytes, got {len(buf)}")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _dec_hook(typ: type, obj: object) -> object:
+    if typ is np.ndarray:
+        if isinstance(obj, np.ndarray):
+            return obj
+        raise ValueError(f"expected an array, got {type(obj).__name__}")
+    raise ValueError(f"unsupported type {typ}")
+
+
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+_ENVELOPE = msgspec.msgpack.Decoder(tuple[int, str, msgspec.Raw])
+_BODY_DECODERS = {
+    kind: msgspec.msgpack.Decoder(cls, ext_hook=_ext_hook, dec_hook=_dec_hook) for kind, cls in KINDS.items()
+}
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a message into one frame."""
+    kind = getattr(type(msg), "KIND", "")
+    if kind not in KINDS or KINDS[kind] is not type(msg):
+        raise TypeError(f"not a registered message type: {type(msg).__name__}")
+    return _ENCODER.encode((SCHEMA_VERSION, kind, msgspec.Raw(_ENCODER.encode(msg))))
+
+
+def decode(frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+    """Decode one frame. Raises ``ProtocolError`` (and only that) if the frame is not valid."""
+    try:
+        size = len(frame)
+    except TypeError:
+        raise ProtocolError(f"frame must be bytes, got {type(frame).__name__}") from None
+    if size > max_bytes:
+        raise ProtocolError(f"frame of {size} bytes exceeds the limit of {max_bytes} bytes")
+    if size == 0:
+        raise ProtocolError("empty frame")
+    try:
+        version, kind, body = _ENVELOPE.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(f"malformed frame envelope (expected [version, kind, body]): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the contract is: only ProtocolError escapes
+        raise ProtocolError(f"malformed frame envelope: {type(exc).__name__}: {exc}") from None
+    if version != SCHEMA_VERSION:
+        raise ProtocolError(f"unsupported schema version {version} (this build speaks {SCHEMA_VERSION})")
+    decoder = _BODY_DECODERS.get(kind)
+    if decoder is None:
+        raise ProtocolError(f"unknown message kind {kind!r} (known: {sorted(KINDS)})")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError(f"invalid {kind} message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"malformed {kind} message: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ProtocolError(f"malformed {kind} message: {type(exc).__name__}: {exc}") from None
+
+
+def kind_of(frame: bytes) -> str:
+    """The kind tag of a frame without decoding its body (raises ProtocolError)."""
+    try:
+        version, kind, _ = _ENVELOPE.decode(frame)
+    except Exception as exc:  # noqa: BLE001
+        raise ProtocolError(f"malformed frame envelope: {exc}") from None
+    if version != SCHEMA_VERSION:
+        raise ProtocolError(f"unsupported schema version {version} (this build speaks {SCHEMA_VERSION})")
+    return kind

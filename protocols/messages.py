@@ -1,0 +1,330 @@
+"""Every message the actors exchange.
+
+Each message is a ``msgspec.Struct`` encoded as a msgpack array (field order is the wire order).
+The codec (``protocols.codec``) wraps each one in a frame ``[schema_version, kind, body]``.
+Arrays are ``numpy.ndarray`` fields that travel as a msgpack extension holding
+``(dtype, shape, raw bytes)``; nothing is ever pickled.
+
+Changing a message (adding, removing, reordering or retyping a field) changes the wire format:
+bump ``SCHEMA_VERSION`` in ``protocols.codec`` and say what changed in docs/protocol.md.
+
+Conventions (docs/architecture.md): token index ``t`` is 0-based over the response; ``values``
+at position ``t`` is V(s_t), the value of the state in which token ``t`` is chosen.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import msgspec
+import numpy as np
+
+Ending = Literal["finished", "absorbed", "truncated", "incomplete"]
+"""How a trajectory ended (see docs/architecture.md): EOS / stop rule / max_tokens / T-PPO window."""
+
+ActorStatus = Literal["starting", "ready", "running", "stopping", "failed"]
+StopKind = Literal["espo", "none", "random", "value_only", "regret_only"]
+
+
+def _check_1d(name: str, arr: np.ndarray, kinds: str) -> None:
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind not in kinds:
+        raise ValueError(f"{name} has dtype {arr.dtype}, expected kind in {kinds!r}")
+
+
+def _check_same_length(**arrays: np.ndarray) -> None:
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"arrays must have equal lengths, got {lengths}")
+
+
+class Message(msgspec.Struct, array_like=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every wire message. ``KIND`` is the frame's kind tag."""
+
+    KIND: ClassVar[str] = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Work distribution: coordinator <-> samplers (ROUTER/DEALER, credit-based)
+
+
+class WorkRequest(Message):
+    """Sampler -> coordinator: "I have ``free_slots`` free; send me that many prompts"."""
+
+    KIND: ClassVar[str] = "work_request"
+    sampler_id: str
+    free_slots: int
+    policy_version: int
+
+    def __post_init__(self) -> None:
+        if self.free_slots < 0:
+            raise ValueError(f"free_slots must be >= 0, got {self.free_slots}")
+
+
+class PromptWork(Message):
+    """Coordinator -> sampler: generate one sample of one prompt."""
+
+    KIND: ClassVar[str] = "prompt_work"
+    request_id: str
+    prompt_id: str
+    sample_index: int
+    group_size: int
+    prompt_token_ids: np.ndarray  # int32[P]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    attempt: int = 0  # > 0 when re-issued after a sampler was lost
+    issued_at_version: int = 0  # learner version when the coordinator issued it
+
+    def __post_init__(self) -> None:
+        _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
+        if len(self.prompt_token_ids) == 0:
+            raise ValueError("prompt_token_ids is empty")
+        if self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
+        if not 0 <= self.sample_index < self.group_size:
+            raise ValueError(f"sample_index {self.sample_index} not in [0, {self.group_size})")
+
+
+class WorkDone(Message):
+    """Sampler -> coordinator: a request ended. ``ending`` is None when it failed in the engine
+    and no trajectory was produced (the coordinator issues it again); ``error`` says why."""
+
+    KIND: ClassVar[str] = "work_done"
+    sampler_id: str
+    request_id: str
+    ending: Ending | None
+    n_tokens: int
+    error: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Streams: sampler -> stopper/critic, critic -> stopper (PUSH/PULL fan-in)
+
+
+class TokenChunk(Message):
+    """Tokens ``start .. start+n-1`` of a response, with what sampling already computed."""
+
+    KIND: ClassVar[str] = "token_chunk"
+    request_id: str
+    sampler_id: str
+    start: int
+    token_ids: np.ndarray  # int32[n]
+    logprobs: np.ndarray  # float32[n]  log pi(a_t | s_t) of the sampled token
+    top1_logprobs: np.ndarray  # float32[n]  max_a log pi(a | s_t)
+    versions: np.ndarray  # int32[n]  policy version that produced each token
+    prompt_token_ids: np.ndarray | None = None  # sent with the first chunk only (for the critic)
+
+    def __post_init__(self) -> None:
+        if self.start < 0:
+            raise ValueError(f"start must be >= 0, got {self.start}")
+        _check_1d("token_ids", self.token_ids, "iu")
+        _check_1d("logprobs", self.logprobs, "f")
+        _check_1d("top1_logprobs", self.top1_logprobs, "f")
+        _check_1d("versions", self.versions, "iu")
+        _check_same_length(
+            token_ids=self.token_ids,
+            logprobs=self.logprobs,
+            top1_logprobs=self.top1_logprobs,
+            versions=self.versions,
+        )
+        if self.prompt_token_ids is not None:
+            _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
+
+
+class StreamEnd(Message):
+    """Sampler -> stopper/critic: no more tokens will come for this request."""
+
+    KIND: ClassVar[str] = "stream_end"
+    request_id: str
+    sampler_id: str
+    ending: Ending
+    n_tokens: int
+
+
+class ValueChunk(Message):
+    """Critic -> stopper: V(s_t) for the listed response positions."""
+
+    KIND: ClassVar[str] = "value_chunk"
+    request_id: str
+    positions: np.ndarray  # int32[n], increasing
+    values: np.ndarray  # float32[n]
+    critic_version: int
+
+    def __post_init__(self) -> None:
+        _check_1d("positions", self.positions, "iu")
+        _check_1d("values", self.values, "f")
+        _check_same_length(positions=self.positions, values=self.values)
+
+
+class Cancel(Message):
+    """Stopper -> owning sampler: the stop rule fired at ``stop_index``; abort the request."""
+
+    KIND: ClassVar[str] = "cancel"
+    request_id: str
+    sampler_id: str
+    stop_index: int
+    reason: str = "stop_rule"
+    z: float = 0.0  # smoothed regret when the rule fired (diagnostics)
+    threshold: float = 0.0  # beta * max(V, eps) at that point
+
+    def __post_init__(self) -> None:
+        if self.stop_index < 0:
+            raise ValueError(f"stop_index must be >= 0, got {self.stop_index}")
+
+
+# --------------------------------------------------------------------------------------------
+# Results: sampler -> learner (PUSH/PULL with backpressure)
+
+
+class Trajectory(Message):
+    """One finished, absorbed, truncated or incomplete rollout: exactly one per (prompt, sample)."""
+
+    KIND: ClassVar[str] = "trajectory"
+    request_id: str
+    prompt_id: str
+    sample_index: int
+    group_size: int
+    sampler_id: str
+    prompt_token_ids: np.ndarray  # int32[P]
+    token_ids: np.ndarray  # int32[T]
+    logprobs: np.ndarray  # float32[T]
+    top1_logprobs: np.ndarray  # float32[T]
+    versions: np.ndarray  # int32[T]
+    ending: Ending
+    finish_reason: str  # what the engine said: "stop", "length", "abort", ...
+    stop_index: int = -1  # >= 0 iff ending == "absorbed" (then T == stop_index + 1)
+    tokens_generated: int = 0  # tokens the engine produced, incl. those discarded after a stop
+    attempt: int = 0
+    issued_at_version: int = 0
+    started_at: float = 0.0  # unix time
+    ended_at: float = 0.0
+    text: str = ""  # detokenised response (for scoring and inspection)
+
+    def __post_init__(self) -> None:
+        _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
+        _check_1d("token_ids", self.token_ids, "iu")
+        _check_1d("logprobs", self.logprobs, "f")
+        _check_1d("top1_logprobs", self.top1_logprobs, "f")
+        _check_1d("versions", self.versions, "iu")
+        _check_same_length(
+            token_ids=self.token_ids,
+            logprobs=self.logprobs,
+            top1_logprobs=self.top1_logprobs,
+            versions=self.versions,
+        )
+        if self.ending == "absorbed":
+            if self.stop_index < 0 or len(self.token_ids) != self.stop_index + 1:
+                raise ValueError(
+                    f"absorbed trajectory must hold tokens 0..stop_index: stop_index="
+                    f"{self.stop_index}, {len(self.token_ids)} tokens"
+                )
+        elif self.stop_index != -1:
+            raise ValueError(f"stop_index={self.stop_index} set on a {self.ending} trajectory")
+        if self.tokens_generated < len(self.token_ids):
+            raise ValueError(
+                f"tokens_generated={self.tokens_generated} < {len(self.token_ids)} tokens kept"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Broadcasts: learner -> everyone (PUB/SUB; latest-state messages, re-sent periodically)
+
+
+class StopParams(Message):
+    """The frozen stop-rule state for the next batch (mirror of core ``StopSnapshot``)."""
+
+    KIND: ClassVar[str] = "stop_params"
+    kind: StopKind
+    enabled: bool
+    mu: float
+    var: float
+    c: float
+    delta: float
+    alpha_s: float
+    beta: float
+    eps: float
+    hazard: float = 0.0
+    value_ref: float = 0.0
+    seed: int = 0
+    step: int = 0  # learner step that produced it; it applies to rollouts started after
+
+
+class BatchBoundary(Message):
+    """Learner -> all: a training batch ended; here are its statistics and the new stop state."""
+
+    KIND: ClassVar[str] = "batch_boundary"
+    step: int
+    policy_version: int
+    total_steps: int
+    stop: StopParams
+    n_trajectories: int
+    stop_rate: float
+    regret_mean: float
+    regret_var: float
+    regret_count: int
+    critic_loss: float
+    groups_consumed: int = 0  # prompt groups the learner has taken so far (trained or dropped)
+
+
+class WeightsAnnounced(Message):
+    """Learner -> samplers/critic: new weights for ``model`` are ready at ``uri``."""
+
+    KIND: ClassVar[str] = "weights_announced"
+    model: Literal["policy", "critic"]
+    version: int
+    uri: str  # file:///... safetensors on shared storage
+    sha256: str
+    nbytes: int
+    step: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Control: actors <-> supervisor
+
+
+class Heartbeat(Message):
+    """Any actor -> supervisor, every ``heartbeat_interval`` seconds."""
+
+    KIND: ClassVar[str] = "heartbeat"
+    actor: str
+    role: str
+    pid: int
+    seq: int
+    time: float
+    status: ActorStatus
+    counters: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class Start(Message):
+    """Supervisor -> all: every actor reported ready; the coordinator may hand out work."""
+
+    KIND: ClassVar[str] = "start"
+    actors: list[str] = msgspec.field(default_factory=list)
+
+
+class Shutdown(Message):
+    """Supervisor (or learner, when training is done) -> all: stop cleanly."""
+
+    KIND: ClassVar[str] = "shutdown"
+    reason: str
+    source: str = ""
+
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    WorkRequest,
+    PromptWork,
+    WorkDone,
+    TokenChunk,
+    StreamEnd,
+    ValueChunk,
+    Cancel,
+    Trajectory,
+    StopParams,
+    BatchBoundary,
+    WeightsAnnounced,
+    Heartbeat,
+    Start,
+    Shutdown,
+)

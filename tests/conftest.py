@@ -1,0 +1,32 @@
+"""Shared test configuration."""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# Property tests: no wall-clock deadlines (CI machines are slow and shared), fixed profile.
+settings.register_profile(
+    "ci", deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """Models built by tests go to the user's cache (shared across runs): building is idempotent."""
+    from espo_async.models.tiny import default_cache_dir
+
+    return default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir():
+    """The tiny model on the arithmetic alphabet (built once, cached on disk)."""
+    from espo_async.assets import resolve_model
+    from espo_async.config import parse_config
+
+    cfg = parse_config({"task": {"name": "arithmetic", "options": {"n_steps": 3}}})
+    return str(resolve_model("tiny", cfg))
