@@ -1,0 +1,346 @@
+"""The run configuration: one YAML file in configs/ describes a whole run.
+
+Every constant from the papers is a named option here, with the paper's value as default and a
+description (``python run.py --explain-config`` prints them all). Unknown keys, wrong types and
+values out of range fail at start with a message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names every bad key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stop rule (ESPO, arXiv 2605.29860)
+
+
+class WarmupConfig(_Section):
+    """Stopping stays off until the critic has converged (ESPO.md, step 6)."""
+
+    enabled: bool = Field(True, description="False turns stopping on from the first batch (the 'no warm-up' ablation).")
+    loss_threshold: float = Field(0.5, gt=0, description="A learner step qualifies if its critic loss is below this.")
+    delta_threshold: float = Field(
+        0.1, ge=0, description="...or if its critic loss changed by less than this since the previous step."
+    )
+    patience: int = Field(3, ge=1, description="Consecutive qualifying steps needed to turn stopping on.")
+    force_fraction: float = Field(
+        0.1, ge=0, le=1, description="Stopping is forced on at this fraction of total steps."
+    )
+
+
+class StopConfig(_Section):
+    """ESPO's stop rule and its ablations. Defaults are the paper's reported values."""
+
+    policy: Literal["espo", "none", "random", "value_only", "regret_only"] = Field(
+        "espo", description="Which stop rule runs: ESPO, no stopping (plain PPO), or an ablation."
+    )
+    r_fail: float = Field(-1.0, description="Reward on the stop token of an absorbed trajectory (paper: -1.0).")
+    alpha_ema: float = Field(
+        0.99, ge=0, lt=1, description="EMA factor of the regret normaliser, applied at batch boundaries (paper: 0.99)."
+    )
+    alpha_s: float = Field(0.9, ge=0, lt=1, description="Smoothing factor of z_t inside a trajectory (paper: 0.9).")
+    beta0: float = Field(7.0, gt=0, description="Initial value-gate multiplier beta (paper: 7.0).")
+    eta_beta: float = Field(0.1, ge=0, description="Step size of the beta controller (paper: 0.1).")
+    tau: float = Field(0.25, ge=0, le=1, description="Target stop rate of the beta controller (paper: 0.25).")
+    beta_min: float = Field(
+        1.0, gt=0, description="Lower bound of beta (not reported; ours: below it beta*eps is inside z's noise)."
+    )
+    beta_max: float = Field(
+        25.0, gt=0, description="Upper bound of beta (not reported; ours: c/eps, above which nothing can ever fire)."
+    )
+    eps: float = Field(0.2, gt=0, description="Floor of the value in the gate: beta*max(V, eps) (paper: 0.2).")
+    c: float = Field(
+        5.0, gt=0, description="Clip of the normalised regret (not reported; must exceed beta0*eps = 1.4 to ever stop)."
+    )
+    delta: float = Field(1e-4, gt=0, description="Variance floor in the normaliser: sqrt(var + delta) (not reported).")
+    value_interval: int = Field(
+        1, ge=1, description="The critic sends V(s_t) every this many tokens; the stopper uses V at t - t mod k."
+    )
+    random_rate: float = Field(
+        0.25, ge=0, le=1, description="Random-stop ablation: target fraction of trajectories stopped."
+    )
+    random_eta: float = Field(
+        2.0, ge=0, description="Random-stop ablation: the per-token hazard h <- h*exp(eta*(rate_target - rate)) at boundaries."
+    )
+    value_ref: float = Field(
+        2.0, gt=0, description="Value-only ablation: fire iff beta*max(V, eps) < value_ref (z_t replaced by this constant)."
+    )
+    warmup: WarmupConfig = WarmupConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> StopConfig:
+        if self.beta_min > self.beta_max:
+            raise ValueError(f"beta_min ({self.beta_min}) must be <= beta_max ({self.beta_max})")
+        if not self.beta_min <= self.beta0 <= self.beta_max:
+            raise ValueError(f"beta0 ({self.beta0}) must lie in [beta_min, beta_max] = [{self.beta_min}, {self.beta_max}]")
+        if self.policy in ("espo", "regret_only") and self.c <= self.beta_min * self.eps:
+            raise ValueError(
+                f"c ({self.c}) must exceed beta_min*eps ({self.beta_min * self.eps}): z_t <= c, so the rule could never fire"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO and its baselines
+
+
+class AlgoConfig(_Section):
+    """The learner's update. PPO (GAE + critic) by default; GRPO and DAPO are baselines."""
+
+    advantage: Literal["gae", "grpo"] = Field("gae", description="GAE with the critic (PPO/ESPO) or GRPO's group-normalised outcome.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount (not reported; 1.0 is standard for LLM RL).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (not reported).")
+    truncation: Literal["bootstrap", "terminal"] = Field(
+        "bootstrap",
+        description="A rollout cut at max_tokens without EOS: bootstrap from V(s_T) (it is not terminal) or treat as terminal.",
+    )
+    clip_low: float = Field(0.2, gt=0, description="PPO ratio clip below 1.")
+    clip_high: float = Field(0.2, gt=0, description="PPO ratio clip above 1 (DAPO clip-higher: 0.28).")
+    loss_agg: Literal["token", "seq"] = Field("token", description="Average the policy loss over all tokens (DAPO) or per sequence first.")
+    policy_loss: Literal["ppo", "entropy_is"] = Field("ppo", description="Clipped PPO or entropy-grouped importance sampling.")
+    entropy_is_top_frac: float = Field(0.2, gt=0, lt=1, description="Entropy-IS: fraction of highest-entropy tokens in the first group.")
+    entropy_is_alpha: float = Field(0.02, gt=0, description="Entropy-IS: clip range alpha/log|V| * mean group entropy.")
+    value_clip: float | None = Field(0.2, description="Value-loss clip around the old values (None: unclipped).")
+    value_coef: float = Field(1.0, ge=0, description="Weight of the value loss (critic trained by its own optimiser).")
+    kl_coef: float = Field(0.0, ge=0, description="Weight of the KL penalty to the reference policy (0 disables it).")
+    kl_kind: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator.")
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus weight.")
+    whiten_advantages: bool = Field(True, description="Normalise GAE advantages over the batch.")
+    grpo_std: bool = Field(True, description="GRPO: divide by the group's reward std (False: Dr.GRPO).")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal.")
+    overlong_buffer: int = Field(0, ge=0, description="DAPO overlong shaping: penalty ramps over the last this many tokens (0: off).")
+    overlong_penalty: float = Field(1.0, ge=0, description="DAPO overlong shaping: maximum penalty.")
+    epochs: int = Field(1, ge=1, description="PPO epochs over each batch.")
+    minibatches: int = Field(1, ge=1, description="Minibatches per epoch.")
+    lr: float = Field(1e-6, gt=0, description="Policy learning rate (paper: 1e-6).")
+    critic_lr: float = Field(1e-5, gt=0, description="Critic learning rate.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    behaviour_is_cap: float | None = Field(
+        2.0, description="Truncated importance weight pi_prox/pi_behaviour for tokens sampled by an older policy (None: off)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts, model, task
+
+
+class RolloutConfig(_Section):
+    samples_per_prompt: int = Field(8, ge=1, description="Rollouts per prompt (paper: 8).")
+    prompts_per_batch: int = Field(8, ge=1, description="Prompts per training batch; batch = prompts x samples (paper: 64 rollouts).")
+    max_tokens: int = Field(256, ge=1, description="T_max: generation limit per rollout (paper: 8192).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    staleness: int = Field(
+        1, ge=0, description="K: no rollout starts more than K policy versions ahead of the learner (0: on-policy)."
+    )
+
+
+class ModelConfig(_Section):
+    policy: str = Field("tiny", description="'tiny' (built by the project), 'smollm2-135m', or a local HF checkpoint path.")
+    critic: str = Field("policy", description="'policy': a scalar head on a copy of the policy; or a model spec like policy.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype for engines and training.")
+    sft_steps: int = Field(0, ge=0, description="Supervised warm-up steps on the task's gold solutions before RL (tiny model).")
+    tiny_layers: int = Field(2, ge=1, description="Tiny model: layers.")
+    tiny_hidden: int = Field(64, ge=8, description="Tiny model: hidden size.")
+
+
+class TaskConfig(_Section):
+    name: str = Field("arithmetic", description="'arithmetic', 'gsm8k' or 'math500'.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Passed to the task's constructor.")
+    eval_problems: int = Field(64, ge=0, description="Held-out problems evaluated before and after training.")
+    eval_samples: int = Field(1, ge=1, description="Samples per held-out problem (pass@1 averaged over them).")
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage.")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Merged into the generated DeepSpeed config.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Actors and transport
+
+
+class ActorSpec(_Section):
+    cls: str = Field(alias="class", description="Import path 'package.module:ClassName' of the actor class.")
+    count: int = Field(1, ge=1, description="How many processes of this actor to start.")
+    threads: int = Field(1, ge=1, description="torch intra-op threads in this process.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Passed to the actor class (validated there).")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("cls")
+    @classmethod
+    def _import_path(cls, v: str) -> str:
+        module, sep, name = v.partition(":")
+        if not sep or not module or not name.isidentifier():
+            raise ValueError(f"'{v}' is not an import path of the form 'package.module:ClassName'")
+        return v
+
+
+class ActorsConfig(_Section):
+    coordinator: ActorSpec = ActorSpec(cls="actors.coordinator:Coordinator")
+    sampler: ActorSpec = ActorSpec(cls="actors.samplers.fake:FakeSampler")
+    critic: ActorSpec | None = ActorSpec(cls="actors.critics.fake:FakeCritic")
+    stopper: ActorSpec | None = ActorSpec(cls="actors.stopper:Stopper")
+    learner: ActorSpec = ActorSpec(cls="actors.learner:Learner")
+
+    @model_validator(mode="after")
+    def _single(self) -> ActorsConfig:
+        for role in ("coordinator", "learner", "stopper", "critic"):
+            spec = getattr(self, role)
+            if spec is not None and spec.count != 1:
+                raise ValueError(f"{role}.count must be 1 (only samplers scale out), got {spec.count}")
+        return self
+
+
+class TransportConfig(_Section):
+    kind: Literal["ipc", "tcp"] = Field("ipc", description="ipc:// sockets in the run directory, or tcp:// ports.")
+    host: str = Field("127.0.0.1", description="tcp: the host actors bind and connect to.")
+    base_port: int = Field(0, ge=0, le=65000, description="tcp: first port (0: pick free ports).")
+    hwm: int = Field(1000, ge=1, description="ZeroMQ high-water mark (messages) on stream and result sockets.")
+    max_frame_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Frames larger than this are rejected.")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="How often each actor reports that it is alive.")
+    heartbeat_timeout_s: float = Field(30.0, gt=0, description="An actor silent this long is reported as hung or dead.")
+    startup_timeout_s: float = Field(300.0, gt=0, description="All actors must report ready within this time.")
+    shutdown_timeout_s: float = Field(20.0, gt=0, description="Grace period before stragglers are killed.")
+
+
+class RunConfig(_Section):
+    name: str = Field("run", description="Run name; the output folder is <output_dir>/<name>-<timestamp>.")
+    output_dir: str = Field("runs", description="Where run folders go (ignored by git).")
+    seed: int = Field(0, description="Seed of everything random in the run.")
+    total_steps: int = Field(10, ge=1, description="Learner steps (training batches).")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every this many steps (0: at the end only).")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files beside metrics.jsonl.")
+    progress: bool = Field(True, description="Show a progress bar on the console.")
+
+
+class Config(_Section):
+    """A whole run."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    stop: StopConfig = StopConfig()
+    algo: AlgoConfig = AlgoConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    actors: ActorsConfig = ActorsConfig()
+    transport: TransportConfig = TransportConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        if self.stop.policy != "none" and self.actors.stopper is None:
+            raise ValueError(f"stop.policy is '{self.stop.policy}' but actors.stopper is null: set stop.policy: none")
+        if self.stop.policy in ("espo", "value_only") and self.actors.critic is None:
+            raise ValueError(f"stop.policy '{self.stop.policy}' needs values: actors.critic must be set")
+        if self.algo.advantage == "grpo" and self.rollout.samples_per_prompt < 2:
+            raise ValueError("algo.advantage 'grpo' needs rollout.samples_per_prompt >= 2")
+        return self
+
+    @property
+    def batch_trajectories(self) -> int:
+        return self.rollout.prompts_per_batch * self.rollout.samples_per_prompt
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+            parent = _model_at(err["loc"][:-1])
+            if parent is not None:
+                msg += f" (allowed here: {', '.join(sorted(parent.model_fields))})"
+        elif err["type"] == "literal_error":
+            msg = f"got {err.get('input')!r}; {msg.lower()}"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = getattr(ann, "__args__", (ann,))
+        nxt = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def parse_config(data: dict[str, Any] | None, *, source: str = "<dict>") -> Config:
+    """Validate a config mapping; raises ConfigError naming every bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration ({source}): the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file and apply ``key.sub=value`` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    for item in overrides or []:
+        apply_override(data, item)
+    return parse_config(data, source=str(path))
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per option: dotted key, default and description (for --explain-config)."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        ann = field.annotation
+        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None and not (isinstance(ann, type) and issubclass(ann, ActorSpec)):
+            lines.extend(explain(sub, key + "."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump(by_alias=True)
+        desc = field.description or ""
+        lines.append(f"{key} = {default!r}  # {desc}" if desc else f"{key} = {default!r}")
+    return lines
