@@ -1,0 +1,199 @@
+"""The actor base class: one OS process, one asyncio (uvloop) event loop, sockets only.
+
+An actor subclass implements ``setup`` (open sockets, load models) and ``main`` (its loop);
+this base class adds what every actor needs: heartbeats to the supervisor, the shutdown
+broadcast, SIGTERM/SIGINT handling, death of the parent process, counters and logging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import zmq
+
+import protocols as P
+from espo_async.config import Config
+from espo_async.runtime.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ActorContext:
+    """Everything an actor process is started with."""
+
+    name: str  # unique in the run, e.g. "sampler-1"
+    role: str  # coordinator | sampler | critic | stopper | learner
+    index: int  # instance number within its role
+    config: Config
+    addresses: dict[str, str]
+    run_dir: Path
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Actor:
+    """Base of every actor. Subclasses set ``ROLE`` and override ``setup``/``main``/``teardown``."""
+
+    ROLE: ClassVar[str] = ""
+    #: pydantic model of ``actors.<role>.options``; run.py validates the options before start.
+    OPTIONS: ClassVar[type | None] = None
+
+    def __init__(self, ctx: ActorContext):
+        self.ctx = ctx
+        self.name = ctx.name
+        self.cfg = ctx.config
+        self.run_dir = ctx.run_dir
+        self.options = dict(ctx.options)
+        self.transport = Transport(
+            ctx.addresses, hwm=self.cfg.transport.hwm, max_frame_bytes=self.cfg.transport.max_frame_bytes
+        )
+        self.counters: Counter[str] = Counter()
+        self.status: str = "starting"
+        self.stop_event = asyncio.Event()
+        self.started = asyncio.Event()  # set when the supervisor broadcasts Start
+        self._seq = 0
+        self._heartbeat_sock: zmq.asyncio.Socket | None = None
+        self.log = logging.getLogger(f"espo.{ctx.name}")
+
+    # -- to override -------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Open sockets, load models. Runs before the actor reports ready."""
+
+    async def main(self) -> None:
+        """The actor's work. Return (or get cancelled) when ``stop_event`` is set."""
+        await self.stop_event.wait()
+
+    async def teardown(self) -> None:
+        """Release resources (engines, files). Sockets are closed by the base class."""
+
+    def heartbeat_counters(self) -> dict[str, float]:
+        """Numbers reported with every heartbeat (shown by the supervisor)."""
+        counters = {k: float(v) for k, v in self.counters.items()}
+        counters.update({f"wire.{k}": float(v) for k, v in self.transport.errors.items()})
+        return counters
+
+    @contextlib.contextmanager
+    def guard(self, what: str):
+        """Handle one piece of external input: a failure is logged and counted, never fatal."""
+        try:
+            yield
+        except Exception:
+            self.counters["handler_errors"] += 1
+            self.log.exception("error while handling %s (ignored)", what)
+
+    def on_shutdown(self, msg: P.Shutdown) -> None:
+        self.log.info("shutdown requested by %s: %s", msg.source or "?", msg.reason)
+        self.request_stop()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if not self.stop_event.is_set():
+            self.status = "stopping"
+            self.stop_event.set()
+
+    async def run(self) -> int:
+        """Run the actor to completion; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        self._heartbeat_sock = self.transport.socket(zmq.PUSH, "control_in", bind=False, hwm=100)
+        control = self.transport.socket(zmq.SUB, "control_out", bind=False, subscribe=True)
+        background = [
+            asyncio.create_task(self._heartbeats(), name="heartbeats"),
+            asyncio.create_task(self._control(control), name="control"),
+            asyncio.create_task(self._watch_parent(), name="watch-parent"),
+        ]
+        code = 0
+        main_task: asyncio.Task | None = None
+        try:
+            await self.setup()
+            self.status = "ready"
+            self._send_heartbeat()
+            main_task = asyncio.create_task(self.main(), name="main")
+            stop_wait = asyncio.create_task(self.stop_event.wait())
+            done, _ = await asyncio.wait({main_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            if main_task in done:
+                main_task.result()  # re-raise a failure
+            else:
+                await self._end_main(main_task)
+        except Exception:
+            self.log.exception("actor %s failed", self.name)
+            self.status = "failed"
+            self._send_heartbeat()
+            code = 1
+        finally:
+            if main_task is not None and not main_task.done():
+                await self._end_main(main_task)
+            self.status = "stopping" if code == 0 else "failed"
+            with contextlib.suppress(Exception):
+                await self.teardown()
+            self._send_heartbeat()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            self.transport.close(linger_ms=200)
+        return code
+
+    async def _end_main(self, task: asyncio.Task, grace: float = 5.0) -> None:
+        """Give ``main`` a moment to end by itself after stop_event, then cancel it."""
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=grace)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        except Exception:
+            self.log.exception("main of %s failed while stopping", self.name)
+
+    def _send_heartbeat(self) -> None:
+        if self._heartbeat_sock is None:
+            return
+        self._seq += 1
+        hb = P.Heartbeat(
+            actor=self.name,
+            role=self.ROLE,
+            pid=os.getpid(),
+            seq=self._seq,
+            time=time.time(),
+            status=self.status,
+            counters=self.heartbeat_counters(),
+        )
+        self.transport.try_send(self._heartbeat_sock, hb, counter="heartbeats_dropped")
+
+    async def _heartbeats(self) -> None:
+        interval = self.cfg.transport.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)  # periodic timer, not synchronisation
+            if self.status == "ready" and self.started.is_set():
+                self.status = "running"
+            self._send_heartbeat()
+
+    async def _control(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            msg = await self.transport.recv(sock, "supervisor")
+            if isinstance(msg, P.Start):
+                self.started.set()
+            elif isinstance(msg, P.Shutdown):
+                self.on_shutdown(msg)
+
+    async def _watch_parent(self) -> None:
+        """Exit if the supervisor dies without telling us (no orphans)."""
+        parent = os.getppid()
+        while True:
+            await asyncio.sleep(1.0)
+            if os.getppid() != parent:
+                self.log.error("supervisor (pid %d) is gone; stopping", parent)
+                self.request_stop()
+                return

@@ -1,0 +1,118 @@
+"""Process entry point of one actor: ``python -m espo_async.runtime.entry RUN_DIR ACTOR_NAME``.
+
+The supervisor writes ``RUN_DIR/config.yaml`` (the validated config) and
+``RUN_DIR/addresses.json`` (the endpoint map) before it starts any actor; this module reads
+them, imports the actor class named in the config, and runs it on a uvloop event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import yaml
+
+from espo_async.config import Config, parse_config
+from espo_async.runtime.actor import Actor, ActorContext
+
+
+def import_class(path: str) -> type:
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import actor module {module_name!r} (from {path!r}): {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no class {attr!r} (from {path!r})") from None
+
+
+def actor_instances(config: Config) -> list[tuple[str, str, int]]:
+    """(name, role, index) of every actor process of a run, in start order."""
+    out = []
+    for role in ("learner", "stopper", "critic", "coordinator", "sampler"):
+        spec = getattr(config.actors, role)
+        if spec is None:
+            continue
+        for i in range(spec.count):
+            out.append((f"{role}-{i}" if role == "sampler" else role, role, i))
+    return out
+
+
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """Linux: ask the kernel to send ``sig`` when the parent dies (no orphans after kill -9)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, sig)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def setup_logging(run_dir: Path, name: str) -> None:
+    log_dir = run_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
+    file_handler = logging.FileHandler(log_dir / f"{name}.log")
+    file_handler.setFormatter(fmt)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.handlers[:] = [file_handler, console]
+    root.setLevel(os.environ.get("ESPO_LOG_LEVEL", "INFO"))
+
+
+def build_actor(run_dir: Path, name: str) -> Actor:
+    config = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml"))
+    addresses = json.loads((run_dir / "addresses.json").read_text())
+    for actor_name, role, index in actor_instances(config):
+        if actor_name == name:
+            break
+    else:
+        raise SystemExit(f"no actor named {name!r} in {run_dir}/config.yaml")
+    spec = getattr(config.actors, role)
+    cls = import_class(spec.cls)
+    if not (isinstance(cls, type) and issubclass(cls, Actor)):
+        raise SystemExit(f"{spec.cls} is not an Actor subclass")
+    if cls.ROLE != role:
+        raise SystemExit(f"{spec.cls} implements role {cls.ROLE!r}, but is configured as {role!r}")
+    try:
+        import torch
+
+        torch.set_num_threads(spec.threads)
+    except ImportError:
+        pass
+    ctx = ActorContext(
+        name=name, role=role, index=index, config=config, addresses=addresses, run_dir=run_dir, options=spec.options
+    )
+    return cls(ctx)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m espo_async.runtime.entry RUN_DIR ACTOR_NAME", file=sys.stderr)
+        return 2
+    run_dir, name = Path(argv[0]), argv[1]
+    set_parent_death_signal()
+    setup_logging(run_dir, name)
+    actor = build_actor(run_dir, name)
+    try:
+        import uvloop
+
+        return uvloop.run(actor.run())
+    except ImportError:
+        return asyncio.run(actor.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""ZeroMQ plumbing: where each endpoint lives, how sockets are made, how frames are sent.
+
+Every bound endpoint of a run has a name (``ENDPOINTS``); ``resolve_addresses`` maps the names
+to ``ipc://`` paths or ``tcp://`` ports once, in the supervisor, and every actor reads the same
+map. Sockets carry one frame per message, encoded by ``protocols.codec``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+import protocols as P
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS: dict[str, str] = {
+    "work": "coordinator ROUTER: work requests in, prompt work out (credit-based)",
+    "stopper_stream": "stopper PULL: token chunks and stream ends from samplers, values from the critic",
+    "stopper_cancel": "stopper ROUTER: cancels to the sampler that owns the request",
+    "critic_stream": "critic PULL: token chunks and stream ends from samplers",
+    "results": "learner PULL: finished trajectories from samplers (backpressure)",
+    "broadcast": "learner PUB: weights, batch boundaries, shutdown",
+    "control_in": "supervisor PULL: heartbeats from every actor",
+    "control_out": "supervisor PUB: start and shutdown",
+}
+
+
+def resolve_addresses(kind: str, run_id: str, *, host: str = "127.0.0.1", base_port: int = 0) -> dict[str, str]:
+    """Choose one address per endpoint. ipc paths live in a short private temp folder (the
+    AF_UNIX path limit is ~107 bytes); tcp ports are consecutive from base_port or free ports."""
+    if kind == "ipc":
+        digest = hashlib.sha1(run_id.encode()).hexdigest()[:10]
+        folder = Path(tempfile.gettempdir()) / f"espo-{digest}"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return {name: f"ipc://{folder}/{name}" for name in ENDPOINTS}
+    if kind == "tcp":
+        ports = [base_port + i for i in range(len(ENDPOINTS))] if base_port else free_ports(len(ENDPOINTS), host)
+        return {name: f"tcp://{host}:{port}" for name, port in zip(ENDPOINTS, ports)}
+    raise ValueError(f"unknown transport kind {kind!r} (allowed: ipc, tcp)")
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports that were free a moment ago (held open together so they differ)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def cleanup_ipc(addresses: dict[str, str]) -> None:
+    """Remove ipc socket files (and their folder if empty) after a run."""
+    folders = set()
+    for addr in addresses.values():
+        if addr.startswith("ipc://"):
+            path = Path(addr[len("ipc://") :])
+            folders.add(path.parent)
+            path.unlink(missing_ok=True)
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+@dataclass
+class SocketOptions:
+    hwm: int = 1000
+    linger_ms: int = 0
+
+
+class Transport:
+    """Creates sockets on one asyncio ZeroMQ context and counts what goes wrong on the wire."""
+
+    def __init__(self, addresses: dict[str, str], *, hwm: int = 1000, max_frame_bytes: int = P.DEFAULT_MAX_FRAME_BYTES):
+        self.addresses = addresses
+        self.hwm = hwm
+        self.max_frame_bytes = max_frame_bytes
+        self.ctx = zmq.asyncio.Context()
+        self.sockets: list[zmq.asyncio.Socket] = []
+        self.errors: Counter[str] = Counter()
+
+    def socket(
+        self,
+        kind: int,
+        endpoint: str,
+        *,
+        bind: bool,
+        identity: str | None = None,
+        subscribe: bool = False,
+        hwm: int | None = None,
+        linger_ms: int = 0,
+    ) -> zmq.asyncio.Socket:
+        if endpoint not in self.addresses:
+            raise KeyError(f"no address for endpoint {endpoint!r} (known: {sorted(self.addresses)})")
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        sock.setsockopt(zmq.SNDHWM, hwm or self.hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm or self.hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
+        if identity is not None:
+            sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if subscribe:
+            sock.setsockopt(zmq.SUBSCRIBE, b"")
+        address = self.addresses[endpoint]
+        if bind:
+            sock.bind(address)
+        else:
+            sock.connect(address)
+        self.sockets.append(sock)
+        return sock
+
+    def close(self, linger_ms: int = 0) -> None:
+        for sock in self.sockets:
+            sock.close(linger=linger_ms)
+        self.sockets.clear()
+        self.ctx.term()
+
+    # -- frames ------------------------------------------------------------------------------
+
+    def decode(self, frame: bytes, source: str) -> P.Message | None:
+        """Decode a frame; a bad frame is logged and counted, never raised."""
+        try:
+            return P.decode(frame, max_bytes=self.max_frame_bytes)
+        except P.ProtocolError as exc:
+            self.errors["bad_frames"] += 1
+            log.warning("rejected a frame from %s: %s", source, exc)
+            return None
+
+    async def recv(self, sock: zmq.asyncio.Socket, source: str) -> P.Message | None:
+        return self.decode(await sock.recv(copy=True), source)
+
+    async def recv_routed(self, sock: zmq.asyncio.Socket, source: str) -> tuple[bytes, P.Message | None]:
+        """ROUTER receive: (peer identity, message or None)."""
+        parts = await sock.recv_multipart(copy=True)
+        if len(parts) != 2:
+            self.errors["bad_frames"] += 1
+            log.warning("rejected a %d-part message from %s", len(parts), source)
+            return (parts[0] if parts else b""), None
+        return parts[0], self.decode(parts[1], source)
+
+    async def send(self, sock: zmq.asyncio.Socket, msg: P.Message) -> None:
+        """Blocking send: waits while the peer's queue is full (backpressure)."""
+        await sock.send(P.encode(msg), copy=False)
+
+    def try_send(self, sock: zmq.asyncio.Socket, msg: P.Message | bytes, counter: str = "dropped") -> bool:
+        """Non-blocking send: drops (and counts) the frame if the queue is full."""
+        frame = msg if isinstance(msg, bytes) else P.encode(msg)
+        exc = _nonblocking(sock.send(frame, flags=zmq.NOBLOCK, copy=False))
+        if exc is None:
+            return True
+        if isinstance(exc, zmq.Again):
+            self.errors[counter] += 1
+            return False
+        raise exc
+
+    def send_to(self, sock: zmq.asyncio.Socket, peer: str | bytes, msg: P.Message) -> bool:
+        """ROUTER send to one peer; False (counted) if the peer is unknown or its queue is full."""
+        ident = peer.encode() if isinstance(peer, str) else peer
+        exc = _nonblocking(sock.send_multipart([ident, P.encode(msg)], flags=zmq.NOBLOCK, copy=False))
+        if exc is None:
+            return True
+        if isinstance(exc, zmq.Again) or (isinstance(exc, zmq.ZMQError) and exc.errno == zmq.EHOSTUNREACH):
+            self.errors["unroutable"] += 1
+            return False
+        raise exc
+
+
+def _nonblocking(fut) -> BaseException | None:
+    """pyzmq's asyncio sockets report a NOBLOCK failure on the returned future, not by raising."""
+    if not fut.done():  # queued by pyzmq; it completes without blocking the caller
+        return None
+    return fut.exception()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

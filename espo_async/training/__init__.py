@@ -1,0 +1,1 @@
+"""The learner's machinery: the stop-controller state and the PPO trainer."""
