@@ -1,0 +1,95 @@
+"""Worker extension mixed into vLLM's worker class (engine arg ``worker_extension_cls``).
+
+vLLM resolves ``"espo_async.engines.vllm_worker_ext.WeightSyncExtension"`` by qualified name in
+every worker process and adds it to the worker's bases, so its methods run *inside* the worker
+with ``self`` being the (CPU or GPU) worker. ``AsyncLLM.collective_rpc(name, args=...)`` calls
+them on all workers and returns the list of their results.
+
+Weights are loaded with the worker's ``reload_weights(weights_iterator=...)`` (vLLM >= 0.3x):
+it runs the model's checkpoint-format ``load_weights`` inside vLLM's layerwise-reload
+bracket, which restores parameters that were repacked after the first load (the CPU build
+repacks linear weights, which is why calling ``model_runner.model.load_weights`` directly
+fails there with "'Parameter' object has no attribute 'weight_loader'").
+
+This module must stay importable without importing vLLM (it is imported by the workers only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any
+
+
+def _iter_safetensors_blob(blob: bytes):
+    from safetensors.torch import load as st_load
+
+    tensors = st_load(bytes(blob))
+    return iter(tensors.items()), len(tensors)
+
+
+def _iter_safetensors_file(path: str):
+    from safetensors import safe_open
+
+    f = safe_open(path, framework="pt", device="cpu")
+    keys = list(f.keys())
+
+    def gen():
+        for k in keys:
+            yield k, f.get_tensor(k)
+
+    return gen(), len(keys)
+
+
+class WeightSyncExtension:
+    """Methods callable through ``collective_rpc``. Names are prefixed to avoid clashes."""
+
+    def espo_load_weights(
+        self,
+        source: bytes | str,
+        version: str | int | None = None,
+        expected_sha256: str | None = None,
+    ) -> dict[str, Any]:
+        """Load a safetensors state dict (path or in-memory blob) into the running model.
+
+        Parameter names are checkpoint (HF) names; tensors of any float dtype are cast on copy.
+        Returns a small report (number of tensors, seconds, version) for the caller.
+        """
+        t0 = time.perf_counter()
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if expected_sha256 is not None:
+                got = hashlib.sha256(source).hexdigest()
+                if got != expected_sha256:
+                    raise ValueError(f"weights blob sha256 mismatch: {got} != {expected_sha256}")
+            it, n = _iter_safetensors_blob(source)
+        else:
+            if expected_sha256 is not None:
+                h = hashlib.sha256()
+                with open(source, "rb") as f:
+                    while b := f.read(1 << 22):
+                        h.update(b)
+                if h.hexdigest() != expected_sha256:
+                    raise ValueError(f"{source}: sha256 mismatch")
+            it, n = _iter_safetensors_file(str(source))
+        t1 = time.perf_counter()
+        self.reload_weights(weights_iterator=it)  # type: ignore[attr-defined]
+        t2 = time.perf_counter()
+        self._espo_weight_version = version
+        return {
+            "num_tensors": n,
+            "read_s": t1 - t0,
+            "load_s": t2 - t1,
+            "version": version,
+        }
+
+    def espo_weight_version(self) -> Any:
+        return getattr(self, "_espo_weight_version", None)
+
+    def espo_param_checksum(self, names: list[str] | None = None) -> dict[str, float]:
+        """Sum of each parameter (as float64), for tests and debugging. Kernel-format names."""
+        model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        out: dict[str, float] = {}
+        for name, p in model.named_parameters():
+            if names is None or name in names:
+                out[name] = float(p.detach().double().sum())
+        return out
