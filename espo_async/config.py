@@ -127,6 +127,8 @@ class AlgoConfig(_Section):
     lr: float = Field(1e-6, gt=0, description="Policy learning rate (paper: 1e-6).")
     critic_lr: float = Field(1e-5, gt=0, description="Critic learning rate.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    micro_batch_tokens: int = Field(2048, ge=1, description="Learner micro-batch size in padded tokens (gradient accumulation; memory).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, slower).")
     behaviour_is_cap: float | None = Field(
         2.0, description="Truncated importance weight pi_prox/pi_behaviour for tokens sampled by an older policy (None: off)."
     )
@@ -152,15 +154,19 @@ class ModelConfig(_Section):
     critic: str = Field("policy", description="'policy': a scalar head on a copy of the policy; or a model spec like policy.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype for engines and training.")
     sft_steps: int = Field(0, ge=0, description="Supervised warm-up steps on the task's gold solutions before RL (tiny model).")
+    sft_batch: int = Field(64, ge=1, description="Supervised warm-up batch size.")
+    sft_lr: float = Field(3e-3, gt=0, description="Supervised warm-up peak learning rate (one-cycle schedule).")
     tiny_layers: int = Field(2, ge=1, description="Tiny model: layers.")
-    tiny_hidden: int = Field(64, ge=8, description="Tiny model: hidden size.")
+    tiny_hidden: int = Field(64, ge=32, description="Tiny model: hidden size (head size is 32: vLLM's CPU kernels need >= 32).")
 
 
 class TaskConfig(_Section):
     name: str = Field("arithmetic", description="'arithmetic', 'gsm8k' or 'math500'.")
     options: dict[str, Any] = Field(default_factory=dict, description="Passed to the task's constructor.")
-    eval_problems: int = Field(64, ge=0, description="Held-out problems evaluated before and after training.")
+    eval_problems: int = Field(64, ge=0, description="Held-out problems evaluated before and after training (0: no evaluation).")
     eval_samples: int = Field(1, ge=1, description="Samples per held-out problem (pass@1 averaged over them).")
+    eval_temperature: float = Field(0.0, ge=0, description="Sampling temperature of evaluation rollouts (0: greedy).")
+    eval_every: int = Field(0, ge=0, description="Also evaluate every this many learner steps (0: only before and after).")
 
 
 class DeepSpeedConfig(_Section):

@@ -22,6 +22,10 @@ import numpy as np
 Ending = Literal["finished", "absorbed", "truncated", "incomplete"]
 """How a trajectory ended (see docs/architecture.md): EOS / stop rule / max_tokens / T-PPO window."""
 
+Purpose = Literal["train", "eval", "shadow"]
+"""Why a rollout exists: training data, held-out evaluation (never stopped, never trained on),
+or a shadow continuation of a stopped rollout (measures false-positive stops; never trained on)."""
+
 ActorStatus = Literal["starting", "ready", "running", "stopping", "failed"]
 StopKind = Literal["espo", "none", "random", "value_only", "regret_only"]
 
@@ -76,6 +80,7 @@ class PromptWork(Message):
     top_p: float = 1.0
     attempt: int = 0  # > 0 when re-issued after a sampler was lost
     issued_at_version: int = 0  # learner version when the coordinator issued it
+    purpose: Purpose = "train"
 
     def __post_init__(self) -> None:
         _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
@@ -201,6 +206,7 @@ class Trajectory(Message):
     started_at: float = 0.0  # unix time
     ended_at: float = 0.0
     text: str = ""  # detokenised response (for scoring and inspection)
+    purpose: Purpose = "train"
 
     def __post_init__(self) -> None:
         _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
@@ -268,6 +274,21 @@ class BatchBoundary(Message):
     groups_consumed: int = 0  # prompt groups the learner has taken so far (trained or dropped)
 
 
+class EvalRequest(Message):
+    """Learner -> coordinator: evaluate the policy of ``policy_version`` on held-out problems.
+
+    Repeated until the learner has every result of the round; the coordinator issues each round
+    once (rounds are identified by ``round``)."""
+
+    KIND: ClassVar[str] = "eval_request"
+    round: int
+    policy_version: int
+    n_problems: int
+    samples: int
+    temperature: float
+    max_tokens: int
+
+
 class WeightsAnnounced(Message):
     """Learner -> samplers/critic: new weights for ``model`` are ready at ``uri``."""
 
@@ -323,6 +344,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Trajectory,
     StopParams,
     BatchBoundary,
+    EvalRequest,
     WeightsAnnounced,
     Heartbeat,
     Start,

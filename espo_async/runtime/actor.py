@@ -46,6 +46,8 @@ class Actor:
     ROLE: ClassVar[str] = ""
     #: pydantic model of ``actors.<role>.options``; run.py validates the options before start.
     OPTIONS: ClassVar[type | None] = None
+    #: Seconds ``main`` may take to end by itself after a stop request before it is cancelled.
+    STOP_GRACE_S: ClassVar[float] = 0.0
 
     def __init__(self, ctx: ActorContext):
         self.ctx = ctx
@@ -146,10 +148,10 @@ class Actor:
             self.transport.close(linger_ms=200)
         return code
 
-    async def _end_main(self, task: asyncio.Task, grace: float = 5.0) -> None:
-        """Give ``main`` a moment to end by itself after stop_event, then cancel it."""
+    async def _end_main(self, task: asyncio.Task) -> None:
+        """Give ``main`` up to STOP_GRACE_S to end by itself after stop_event, then cancel it."""
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=grace)
+            await asyncio.wait_for(asyncio.shield(task), timeout=self.STOP_GRACE_S)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -161,6 +163,10 @@ class Actor:
         if self._heartbeat_sock is None:
             return
         self._seq += 1
+        try:
+            counters = self.heartbeat_counters()
+        except Exception:  # e.g. during setup, before the subclass set its attributes
+            counters = Actor.heartbeat_counters(self)
         hb = P.Heartbeat(
             actor=self.name,
             role=self.ROLE,
@@ -168,7 +174,7 @@ class Actor:
             seq=self._seq,
             time=time.time(),
             status=self.status,
-            counters=self.heartbeat_counters(),
+            counters=counters,
         )
         self.transport.try_send(self._heartbeat_sock, hb, counter="heartbeats_dropped")
 

@@ -37,6 +37,13 @@ class MetricsWriter:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self._tb.add_scalar(key.replace(".", "/"), value, step)
 
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """TensorBoard only (for series that are not one-per-step, e.g. evaluations)."""
+        if self._tb is not None:
+            for key, value in scalars.items():
+                if math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:

@@ -50,6 +50,7 @@ def prompt_work(draw):
         top_p=draw(st.floats(0, 1)),
         attempt=draw(st.integers(0, 10)),
         issued_at_version=draw(nonneg),
+        purpose=draw(st.sampled_from(["train", "eval", "shadow"])),
     )
 
 
@@ -90,6 +91,7 @@ def trajectory(draw):
         started_at=draw(st.floats(0, 2e9)),
         ended_at=draw(st.floats(0, 2e9)),
         text=draw(st.text(max_size=60)),
+        purpose=draw(st.sampled_from(["train", "eval", "shadow"])),
         **arrays,
     )
 
@@ -134,6 +136,15 @@ STRATEGIES = {
         regret_count=nonneg,
         critic_loss=floats,
         groups_consumed=nonneg,
+    ),
+    P.EvalRequest: st.builds(
+        P.EvalRequest,
+        round=nonneg,
+        policy_version=nonneg,
+        n_problems=nonneg,
+        samples=nonneg,
+        temperature=st.floats(0, 2),
+        max_tokens=nonneg,
     ),
     P.WeightsAnnounced: st.builds(
         P.WeightsAnnounced,

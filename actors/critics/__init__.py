@@ -1,0 +1,1 @@
+"""Critic actors: one shell (``Critic``), several value models."""

@@ -1,0 +1,175 @@
+"""The critic actor: streams V(s_t) for the prefixes the samplers are generating.
+
+One class serves every value model; ``FakeCritic`` and ``HFCritic`` differ only in
+``make_value_model``. The critic receives the same token chunks as the stopper. V(s_t) is the
+value of the prompt plus response tokens ``0..t-1``, so V(s_0) is computable as soon as a
+stream starts and V(s_{t+1}) as soon as token ``t`` arrives: values run at most one model call
+behind generation. Every pass batches all streams that have new tokens; the model runs in a
+worker thread so the event loop keeps receiving tokens meanwhile. Only positions that are a
+multiple of ``stop.value_interval`` are sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import zmq
+
+import protocols as P
+from espo_async.assets import load_assets
+from espo_async.runtime.actor import Actor
+
+
+@dataclass
+class ValueRequest:
+    """New work for one stream: compute V(s_t) for t in [first, first + len(new_tokens) + ...)."""
+
+    request_id: str
+    prompt_token_ids: np.ndarray | None  # set on the stream's first call only
+    new_token_ids: np.ndarray  # tokens appended since the previous call
+    first_position: int  # response position of the first value this call returns
+
+
+@runtime_checkable
+class ValueModel(Protocol):
+    """Incremental values: a call returns one value per new state. On a stream's first call
+    (prompt given) the states are s_0 .. s_n (n = len(new_token_ids)); on later calls they are
+    the states after each new token."""
+
+    def values(self, batch: list[ValueRequest]) -> list[np.ndarray]: ...
+
+    def end(self, request_id: str) -> None: ...
+
+    def load_weights(self, path: Path, version: int) -> None: ...
+
+
+@dataclass
+class CriticStream:
+    prompt: np.ndarray | None
+    pending: list[np.ndarray] = field(default_factory=list)
+    n_tokens: int = 0  # tokens received
+    n_values: int = 0  # states valued so far (s_0 .. s_{n_values-1})
+    started: bool = False
+    broken: bool = False
+
+
+class Critic(Actor):
+    ROLE = "critic"
+
+    def make_value_model(self) -> ValueModel:
+        raise NotImplementedError
+
+    async def setup(self) -> None:
+        t = self.transport
+        self.assets = load_assets(self.run_dir)
+        self.inbox = t.socket(zmq.PULL, "critic_stream", bind=True)
+        self.out = t.socket(zmq.PUSH, "stopper_stream", bind=False) if self.cfg.actors.stopper else None
+        self.broadcast = t.socket(zmq.SUB, "broadcast", bind=False, subscribe=True)
+        self.interval = self.cfg.stop.value_interval
+        self.version = 0
+        self.streams: dict[str, CriticStream] = {}
+        self.ended: list[str] = []
+        self.work = asyncio.Event()
+        self.model = self.make_value_model()
+        self.model_lock = asyncio.Lock()
+
+    async def main(self) -> None:
+        await asyncio.gather(self._recv_loop(), self._broadcast_loop(), self._compute_loop())
+
+    def heartbeat_counters(self) -> dict[str, float]:
+        out = super().heartbeat_counters()
+        out["live_streams"] = float(len(self.streams))
+        out["critic_version"] = float(self.version)
+        return out
+
+    async def _recv_loop(self) -> None:
+        while True:
+            msg = await self.transport.recv(self.inbox, "samplers")
+            if isinstance(msg, P.TokenChunk):
+                self.on_tokens(msg)
+            elif isinstance(msg, P.StreamEnd):
+                if self.streams.pop(msg.request_id, None) is not None:
+                    self.ended.append(msg.request_id)  # released by the compute loop, not here:
+                    self.work.set()  # the model may be busy in its worker thread
+            elif msg is not None:
+                self.counters["unexpected_messages"] += 1
+
+    def on_tokens(self, msg: P.TokenChunk) -> None:
+        st = self.streams.get(msg.request_id)
+        if st is None:
+            if msg.start != 0 or msg.prompt_token_ids is None:
+                self.counters["streams_joined_late"] += 1
+                return
+            st = self.streams[msg.request_id] = CriticStream(prompt=np.asarray(msg.prompt_token_ids))
+        if st.broken:
+            return
+        if msg.start != st.n_tokens:
+            st.broken = True
+            self.counters["streams_with_gaps"] += 1
+            return
+        st.pending.append(np.asarray(msg.token_ids))
+        st.n_tokens += len(msg.token_ids)
+        self.work.set()
+
+    async def _broadcast_loop(self) -> None:
+        while True:
+            msg = await self.transport.recv(self.broadcast, "learner")
+            if isinstance(msg, P.WeightsAnnounced) and msg.model == "critic" and msg.version > self.version:
+                async with self.model_lock:
+                    t0 = time.perf_counter()
+                    await asyncio.to_thread(self.model.load_weights, Path(msg.uri.removeprefix("file://")), msg.version)
+                    self.version = msg.version
+                    self.counters["weight_updates"] += 1
+                    self.counters["weight_update_s"] = time.perf_counter() - t0
+            elif isinstance(msg, P.Shutdown):
+                self.on_shutdown(msg)
+
+    async def _compute_loop(self) -> None:
+        while True:
+            await self.work.wait()
+            self.work.clear()
+            async with self.model_lock:
+                for rid in self.ended:
+                    self.model.end(rid)
+                self.ended.clear()
+            batch: list[ValueRequest] = []
+            for rid, st in self.streams.items():
+                if st.broken or (st.started and not st.pending):
+                    continue
+                new = np.concatenate(st.pending) if st.pending else np.zeros(0, np.int32)
+                st.pending.clear()
+                batch.append(
+                    ValueRequest(
+                        request_id=rid,
+                        prompt_token_ids=None if st.started else st.prompt,
+                        new_token_ids=new,
+                        first_position=st.n_values,
+                    )
+                )
+                st.started = True
+                st.n_values += len(new) + (1 if batch[-1].prompt_token_ids is not None else 0)
+            if not batch:
+                continue
+            async with self.model_lock:
+                t0 = time.perf_counter()
+                results = await asyncio.to_thread(self.model.values, batch)
+                self.counters["value_batches"] += 1
+                self.counters["value_batch_s"] += time.perf_counter() - t0
+            for req, vals in zip(batch, results):
+                self._send(req, np.asarray(vals, dtype=np.float32))
+
+    def _send(self, req: ValueRequest, vals: np.ndarray) -> None:
+        positions = np.arange(req.first_position, req.first_position + len(vals), dtype=np.int32)
+        keep = positions % self.interval == 0
+        self.counters["values"] += int(len(vals))
+        if self.out is None or not keep.any():
+            return
+        msg = P.ValueChunk(
+            request_id=req.request_id, positions=positions[keep], values=vals[keep], critic_version=self.version
+        )
+        self.transport.try_send(self.out, msg, counter="values_dropped")

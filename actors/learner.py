@@ -1,0 +1,472 @@
+"""The learner: pulls trajectories, trains PPO on complete prompt groups, publishes new weights.
+
+* Every received trajectory is deduplicated by (prompt id, sample) and appended to a
+  write-ahead log before anything else, so a crash loses nothing it received; a restart replays
+  the log and trains on whatever the last checkpoint had not consumed.
+* A batch is ``prompts_per_batch`` complete groups, in completion order. The training step runs
+  in a worker thread (the event loop keeps receiving meanwhile).
+* It owns the stop controller (normaliser, beta, warm-up gate): after each step it updates it
+  from the batch just trained on and broadcasts the frozen snapshot for the next rollouts.
+* After each step it writes the new policy (and critic) weights and announces them; announces
+  are repeated periodically so actors that (re)join late catch up.
+* One JSON line of metrics per step (metrics.jsonl) and TensorBoard events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+import protocols as P
+from actors.reward import TaskReward
+from actors.stopper import params_from_snapshot
+from espo_async.assets import load_assets
+from espo_async.runtime.actor import Actor
+from espo_async.runtime.metrics import MetricsWriter
+from espo_async.runtime.trajectory_log import TrajectoryLog, replay
+from espo_async.tasks.registry import make_task
+from espo_async.training.stop_state import make_stop_controller
+
+
+@dataclass
+class EvalRound:
+    request: P.EvalRequest
+    expected: int
+    scores: dict[tuple[str, int], float] = field(default_factory=dict)
+    lengths: list[int] = field(default_factory=list)
+    finished: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Group:
+    size: int
+    members: dict[int, P.Trajectory] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.members) == self.size
+
+
+def batch_regrets(trajs: list[P.Trajectory]) -> np.ndarray:
+    """g_t = top1 - sampled logprob over every token of the batch (finite values only)."""
+    if not trajs:
+        return np.zeros(0)
+    g = np.concatenate([np.asarray(t.top1_logprobs, np.float64) - np.asarray(t.logprobs, np.float64) for t in trajs])
+    g = g[np.isfinite(g)]
+    return np.maximum(g, 0.0)
+
+
+class Learner(Actor):
+    ROLE = "learner"
+
+    async def setup(self) -> None:
+        t = self.transport
+        self.results = t.socket(zmq.PULL, "results", bind=True)
+        self.pub = t.socket(zmq.PUB, "broadcast", bind=True, hwm=10_000)
+        self.assets = load_assets(self.run_dir)
+        self.task = make_task(self.cfg.task.name, **self.cfg.task.options)
+        self.reward = TaskReward(self.task)
+        self.controller = make_stop_controller(self.cfg)
+        self.step = 0
+        self.version = 0
+        self.groups_consumed = 0
+        self.cumulative_tokens = 0
+        self.consumed_groups: set[str] = set()
+        self.seen: set[tuple[str, int]] = set()
+        self.groups: dict[str, Group] = {}
+        self.ready: deque[str] = deque()
+        self.ready_event = asyncio.Event()
+        self.last_boundary: P.BatchBoundary | None = None
+        self.evals: dict[int, EvalRound] = {}  # by round (= the learner step it evaluates)
+        self.last_weights: dict[str, P.WeightsAnnounced] = {}
+        self.trainer_lock = threading.Lock()
+        self.weights_dir = self.run_dir / "weights"
+        self.weights_dir.mkdir(exist_ok=True)
+        self.ckpt_dir = self.run_dir / "checkpoint"
+        self.trainer = await asyncio.to_thread(self._make_trainer)
+        await asyncio.to_thread(self._load_checkpoint)
+        self._replay_log()
+        await asyncio.to_thread(self._publish_weights)  # v0 gives the critic its initial head
+        self.wal = TrajectoryLog(self.run_dir / "learner" / "trajectories.log")
+        self.metrics = MetricsWriter(self.run_dir, tensorboard=self.cfg.run.tensorboard)
+        self.last_step_time = time.time()
+        self.last_metrics: dict[str, float] = {}
+
+    def _make_trainer(self):
+        from espo_async.training.trainer import PPOTrainer
+
+        return PPOTrainer(
+            self.cfg,
+            self.assets.policy_dir,
+            self.assets.critic_dir,
+            critic_from_policy=self.assets.critic_from_policy,
+            work_dir=self.run_dir / "learner",
+            micro_batch_tokens=self.cfg.algo.micro_batch_tokens,
+            gradient_checkpointing=self.cfg.algo.gradient_checkpointing,
+        )
+
+    def heartbeat_counters(self) -> dict[str, float]:
+        out = super().heartbeat_counters()
+        out.update(step=float(self.step), total_steps=float(self.cfg.run.total_steps), policy_version=float(self.version))
+        for key in ("reward", "accuracy", "stop_rate", "beta", "tokens_per_s"):
+            if key in self.last_metrics:
+                out[key] = float(self.last_metrics[key])
+        out["buffered_groups"] = float(len(self.groups))
+        return out
+
+    # -- resume ------------------------------------------------------------------------------
+
+    def _load_checkpoint(self) -> bool:
+        """Load the last checkpoint, if any (worker thread: no event-loop objects touched)."""
+        state_file = self.ckpt_dir / "learner_state.json"
+        if not state_file.is_file():
+            return False
+        state = json.loads(state_file.read_text())
+        self.trainer.load_checkpoint(self.ckpt_dir / "trainer")
+        self.controller.load_state_dict(state["controller"])
+        self.step = state["step"]
+        self.version = state["version"]
+        self.groups_consumed = state["groups_consumed"]
+        self.cumulative_tokens = state["cumulative_tokens"]
+        self.consumed_groups = set(state["consumed_groups"])
+        self.log.info("resumed from step %d (policy version %d)", self.step, self.version)
+        return True
+
+    def _replay_log(self) -> None:
+        """Received-but-untrained trajectories come back from the write-ahead log."""
+        replayed = sum(self._accept(t, log=False) for t in replay(self.run_dir / "learner" / "trajectories.log"))
+        if replayed:
+            self.log.info("replayed %d received-but-untrained trajectories from the log", replayed)
+
+    def _save_checkpoint(self) -> None:
+        with self.trainer_lock:
+            tmp = self.run_dir / "checkpoint.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.trainer.save_checkpoint(tmp / "trainer")
+            state = {
+                "step": self.step,
+                "version": self.version,
+                "groups_consumed": self.groups_consumed,
+                "cumulative_tokens": self.cumulative_tokens,
+                "consumed_groups": sorted(self.consumed_groups),
+                "controller": self.controller.state_dict(),
+            }
+            (tmp / "learner_state.json").write_text(json.dumps(state))
+            old = self.run_dir / "checkpoint.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if self.ckpt_dir.exists():
+                self.ckpt_dir.rename(old)
+            tmp.rename(self.ckpt_dir)
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- intake ------------------------------------------------------------------------------
+
+    def _accept(self, traj: P.Trajectory, *, log: bool = True) -> bool:
+        if traj.purpose == "eval":
+            self._accept_eval(traj)
+            return False
+        if traj.purpose != "train":
+            self.counters["unexpected_purpose"] += 1
+            return False
+        key = (traj.prompt_id, traj.sample_index)
+        if key in self.seen or traj.prompt_id in self.consumed_groups:
+            self.counters["duplicates"] += 1
+            return False
+        self.seen.add(key)
+        if log:
+            self.wal.append(traj)
+        group = self.groups.setdefault(traj.prompt_id, Group(traj.group_size))
+        group.members[traj.sample_index] = traj
+        if group.complete:
+            self.ready.append(traj.prompt_id)
+            self.ready_event.set()
+        self.counters["received"] += 1
+        return True
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def _request_eval(self) -> EvalRound | None:
+        """Ask for an evaluation of the current policy (round id = current step)."""
+        t = self.cfg.task
+        n = min(t.eval_problems, len(self.task.eval_problems()))
+        if n == 0 or self.step in self.evals:
+            return None
+        req = P.EvalRequest(
+            round=self.step,
+            policy_version=self.version,
+            n_problems=n,
+            samples=t.eval_samples,
+            temperature=t.eval_temperature,
+            max_tokens=self.cfg.rollout.max_tokens,
+        )
+        self.evals[self.step] = rnd = EvalRound(req, expected=n * t.eval_samples)
+        self._announce()
+        return rnd
+
+    def _accept_eval(self, traj: P.Trajectory) -> None:
+        head = traj.prompt_id.partition("/")[0]
+        rnd = self.evals.get(int(head[1:])) if head[1:].isdigit() else None
+        key = (traj.prompt_id, traj.sample_index)
+        if rnd is None or key in rnd.scores:
+            self.counters["eval_unexpected"] += 1
+            return
+        rnd.scores[key] = self.reward(traj.prompt_id, traj.text)
+        rnd.lengths.append(len(traj.token_ids))
+        rnd.finished += traj.ending == "finished"
+        if len(rnd.scores) == rnd.expected:
+            result = self._eval_result(rnd)
+            with (self.run_dir / "eval.jsonl").open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            self.metrics.write_scalars(rnd.request.round, {"eval/accuracy": result["accuracy"]})
+            self.log.info("evaluation round %d: accuracy %.3f", rnd.request.round, result["accuracy"])
+            rnd.done.set()
+
+    def _eval_result(self, rnd: EvalRound) -> dict:
+        n = len(rnd.scores)
+        return {
+            "round": rnd.request.round,
+            "step": rnd.request.round,
+            "policy_version": rnd.request.policy_version,
+            "accuracy": sum(rnd.scores.values()) / max(n, 1),
+            "n": n,
+            "problems": rnd.request.n_problems,
+            "samples": rnd.request.samples,
+            "temperature": rnd.request.temperature,
+            "mean_length": float(np.mean(rnd.lengths)) if rnd.lengths else 0.0,
+            "finished_rate": rnd.finished / max(n, 1),
+        }
+
+    async def _intake_loop(self) -> None:
+        while True:
+            msg = await self.transport.recv(self.results, "samplers")
+            if isinstance(msg, P.Trajectory):
+                self._accept(msg)
+            elif msg is not None:
+                self.counters["unexpected_messages"] += 1
+
+    async def _rebroadcast_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.transport.heartbeat_interval_s)  # periodic re-announce
+            self._announce()
+
+    def _announce(self) -> None:
+        for msg in self.last_weights.values():
+            self.transport.try_send(self.pub, msg)
+        if self.last_boundary is not None:
+            self.transport.try_send(self.pub, self.last_boundary)
+        for rnd in self.evals.values():  # until the coordinator has surely seen it
+            if not rnd.done.is_set() and not rnd.scores:
+                self.transport.try_send(self.pub, rnd.request)
+
+    # -- training ----------------------------------------------------------------------------
+
+    async def _take_batch(self) -> list[P.Trajectory]:
+        need = self.cfg.rollout.prompts_per_batch
+        while len(self.ready) < need:
+            self.ready_event.clear()
+            await self.ready_event.wait()
+        batch: list[P.Trajectory] = []
+        for _ in range(need):
+            gid = self.ready.popleft()
+            group = self.groups.pop(gid)
+            self.consumed_groups.add(gid)
+            batch.extend(group.members[i] for i in sorted(group.members))
+        return batch
+
+    async def main(self) -> None:
+        await self.started.wait()
+        intake = asyncio.create_task(self._intake_loop())
+        rebroadcast = asyncio.create_task(self._rebroadcast_loop())
+        self._broadcast_boundary(None, {})
+        self._request_eval()  # the policy before training (or at the resumed step)
+        try:
+            while self.step < self.cfg.run.total_steps:
+                batch = await self._take_batch()
+                await self._train(batch)
+                every = self.cfg.task.eval_every
+                if every and self.step % every == 0 and self.step < self.cfg.run.total_steps:
+                    self._request_eval()
+            self._request_eval()  # the final policy
+            pending = [r.done.wait() for r in self.evals.values() if not r.done.is_set()]
+            if pending:
+                self.log.info("waiting for %d evaluation round(s)", len(pending))
+                await asyncio.gather(*pending)
+            await asyncio.to_thread(self._finish_run)
+            self.transport.try_send(self.pub, P.Shutdown(reason="training finished", source=self.name))
+        finally:
+            intake.cancel()
+            rebroadcast.cancel()
+
+    async def _train(self, batch: list[P.Trajectory]) -> None:
+        from espo_async.training.trainer import TrainSample
+
+        rewards = [self.reward(t.prompt_id, t.text) for t in batch]
+        samples = [
+            TrainSample(
+                prompt_ids=t.prompt_token_ids,
+                response_ids=t.token_ids,
+                behaviour_logprobs=t.logprobs,
+                versions=t.versions,
+                ending=t.ending,
+                task_reward=r,
+                group_id=t.prompt_id,
+            )
+            for t, r in zip(batch, rewards)
+        ]
+        step = self.step + 1
+        t0 = time.time()
+        with_lock = self._locked(self.trainer.train_step)
+        train_metrics = await asyncio.to_thread(with_lock, samples, step=step, learner_version=self.version)
+        train_seconds = time.time() - t0
+        self.step = step
+        self.version += 1
+        self.groups_consumed += self.cfg.rollout.prompts_per_batch
+        await asyncio.to_thread(self._publish_weights)
+        self._announce()
+        metrics = self._batch_metrics(batch, rewards)
+        metrics.update(train_metrics)
+        metrics["train_seconds"] = train_seconds
+        self._broadcast_boundary(batch, metrics)
+        self.metrics.write(step, metrics)
+        self.last_metrics = metrics
+        every = self.cfg.run.checkpoint_every
+        if every and step % every == 0 and step < self.cfg.run.total_steps:
+            await asyncio.to_thread(self._save_checkpoint)
+
+    def _locked(self, fn):
+        def call(*args, **kwargs):
+            with self.trainer_lock:
+                return fn(*args, **kwargs)
+
+        return call
+
+    def _batch_metrics(self, batch: list[P.Trajectory], rewards: list[float]) -> dict[str, float]:
+        n = len(batch)
+        endings = [t.ending for t in batch]
+        absorbed = [t for t in batch if t.ending == "absorbed"]
+        others = [len(t.token_ids) for t in batch if t.ending != "absorbed"]
+        generated = sum(t.tokens_generated for t in batch)
+        kept = sum(len(t.token_ids) for t in batch)
+        # Tokens saved by stopping (estimate): an absorbed rollout would have run as long as the
+        # batch's other rollouts do on average (max_tokens if every rollout was stopped).
+        counterfactual = float(np.mean(others)) if others else float(self.cfg.rollout.max_tokens)
+        saved = sum(max(0.0, counterfactual - t.tokens_generated) for t in absorbed)
+        self.cumulative_tokens += generated
+        now = time.time()
+        elapsed = max(now - self.last_step_time, 1e-9)
+        self.last_step_time = now
+        snap = self.controller.snapshot()
+        outcome = [
+            self.cfg.stop.r_fail if t.ending == "absorbed" else r for t, r in zip(batch, rewards)
+        ]
+        staleness = [self.version - 1 - int(np.min(t.versions)) for t in batch if len(t.versions)]
+        return {
+            "reward": float(np.mean(outcome)),
+            "accuracy": float(np.mean(rewards)),
+            "stop_rate": len(absorbed) / n,
+            "finished_rate": endings.count("finished") / n,
+            "truncated_rate": endings.count("truncated") / n,
+            "tokens_generated": float(generated),
+            "tokens_kept": float(kept),
+            "tokens_after_stop": float(sum(t.tokens_generated - len(t.token_ids) for t in absorbed)),
+            "tokens_saved_est": float(saved),
+            "cumulative_tokens": float(self.cumulative_tokens),
+            "mean_length": kept / n,
+            "tokens_per_s": generated / elapsed,
+            "samples_per_s": n / elapsed,
+            "beta": float(snap.beta),
+            "norm_mu": float(snap.mu),
+            "norm_var": float(snap.var),
+            "stopping_enabled": float(snap.enabled),
+            "staleness_max": float(max(staleness, default=0)),
+            "policy_version": float(self.version),
+        }
+
+    def _broadcast_boundary(self, batch: list[P.Trajectory] | None, metrics: dict[str, float]) -> None:
+        if batch is None:
+            snap = self.controller.snapshot()
+            regrets = np.zeros(0)
+            stop_rate = 0.0
+        else:
+            regrets = batch_regrets(batch)
+            stop_rate = metrics["stop_rate"]
+            snap = self.controller.on_batch_boundary(
+                self.step, regrets, stop_rate, metrics.get("critic_loss", float("nan"))
+            )
+            metrics.update(
+                next_beta=float(snap.beta), next_mu=float(snap.mu), next_var=float(snap.var), next_enabled=float(snap.enabled)
+            )
+        self.last_boundary = P.BatchBoundary(
+            step=self.step,
+            policy_version=self.version,
+            total_steps=self.cfg.run.total_steps,
+            stop=params_from_snapshot(snap),
+            n_trajectories=0 if batch is None else len(batch),
+            stop_rate=stop_rate,
+            regret_mean=float(regrets.mean()) if len(regrets) else 0.0,
+            regret_var=float(regrets.var()) if len(regrets) else 0.0,
+            regret_count=int(len(regrets)),
+            critic_loss=float(metrics.get("critic_loss", float("nan"))),
+            groups_consumed=self.groups_consumed,
+        )
+        self._announce()
+
+    def _publish_weights(self) -> None:
+        """Write the current weights (runs in a worker thread: no socket work here; the event
+        loop announces them)."""
+        version = self.version
+        with self.trainer_lock:
+            policy_path = self.weights_dir / f"policy-v{version}.safetensors"
+            sha, nbytes = self.trainer.save_policy_weights(policy_path)
+            self.last_weights["policy"] = P.WeightsAnnounced(
+                model="policy", version=version, uri=f"file://{policy_path}", sha256=sha, nbytes=nbytes, step=self.step
+            )
+            if self.cfg.actors.critic is not None:
+                critic_path = self.weights_dir / f"critic-v{version}.safetensors"
+                sha, nbytes = self.trainer.save_critic_weights(critic_path)
+                self.last_weights["critic"] = P.WeightsAnnounced(
+                    model="critic", version=version, uri=f"file://{critic_path}", sha256=sha, nbytes=nbytes, step=self.step
+                )
+        for old in self.weights_dir.glob("*-v*.safetensors"):
+            if int(old.stem.rsplit("-v", 1)[1]) < version - 2:  # keep a few: loads may be in flight
+                old.unlink(missing_ok=True)
+
+    def _finish_run(self) -> None:
+        self._save_checkpoint()
+        with self.trainer_lock:
+            self.trainer.export_hf(self.run_dir / "final")
+        rounds = sorted(self.evals)
+        summary = {
+            "steps": self.step,
+            "policy_version": self.version,
+            "cumulative_tokens": self.cumulative_tokens,
+            "final_checkpoint": str(self.run_dir / "final"),
+            "last_metrics": self.last_metrics,
+            "evaluations": [self._eval_result(self.evals[r]) for r in rounds if self.evals[r].done.is_set()],
+        }
+        if summary["evaluations"]:
+            summary["eval_before"] = summary["evaluations"][0]
+            summary["eval_after"] = summary["evaluations"][-1]
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    async def teardown(self) -> None:
+        """Stopped before the end (SIGTERM, Ctrl-C): make the run resumable. The step in flight
+        (if any) finishes first (the trainer lock); the log keeps what was received since."""
+        if hasattr(self, "wal"):
+            self.wal.close()
+        if self.status != "failed" and 0 < self.step < self.cfg.run.total_steps and hasattr(self, "trainer"):
+            await asyncio.to_thread(self._save_checkpoint)
+            self.log.info("checkpoint saved at step %d; rerun with --run-dir to resume", self.step)
+        if hasattr(self, "metrics"):
+            self.metrics.close()

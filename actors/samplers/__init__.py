@@ -1,0 +1,1 @@
+"""Sampler actors: one shell (``Sampler``), several generation engines."""

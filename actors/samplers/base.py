@@ -1,0 +1,352 @@
+"""The sampler actor: runs one generation engine and owns its requests until they end.
+
+One class serves every engine: ``FakeSampler`` and ``VLLMSampler`` differ only in
+``make_engine``. The engine interface is ``GenerationEngine``. The sampler:
+
+* asks the coordinator for work only when it has free slots (credit), so a slot is taken
+  back only after the trajectory was handed to the learner (backpressure);
+* waits until its weights are at least the version a request was issued at (staleness bound);
+* streams every token (id, sampled logprob, top-1 logprob, policy version) to the stopper and
+  the critic without ever blocking on them;
+* on a cancel, aborts the engine request, keeps tokens ``0..stop_index`` and marks the
+  trajectory absorbed; a cancel for a request that already ended is counted and ignored;
+* loads new weights announced by the learner without restarting the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import zmq
+
+import protocols as P
+from espo_async.assets import load_assets
+from espo_async.runtime.actor import Actor
+from espo_async.utils import stable_seed
+
+
+@dataclass
+class EngineChunk:
+    """New tokens of one request, as the engine delivered them."""
+
+    token_ids: np.ndarray  # int32[n]
+    logprobs: np.ndarray  # float32[n]
+    top1_logprobs: np.ndarray  # float32[n]
+    finish_reason: str | None = None  # set on the last chunk: "stop" | "length" | "abort"
+    # Optional, last chunk only: the exact policy version of every token of the response, for
+    # engines that know it (vLLM's weight-version spans). Otherwise the sampler records the
+    # version it had loaded when each chunk arrived.
+    versions: np.ndarray | None = None
+
+
+@runtime_checkable
+class GenerationEngine(Protocol):
+    """What a sampler needs from an inference engine (fake or vLLM)."""
+
+    max_concurrency: int
+
+    async def start(self) -> None: ...
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: np.ndarray,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        context: dict,
+    ) -> AsyncIterator[EngineChunk]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def load_weights(self, path: Path, version: int) -> float: ...
+
+    def decode(self, token_ids: np.ndarray) -> str: ...
+
+    async def shutdown(self) -> None: ...
+
+
+@dataclass
+class LiveRequest:
+    work: P.PromptWork
+    started_at: float = field(default_factory=time.time)
+    token_ids: list[np.ndarray] = field(default_factory=list)
+    logprobs: list[np.ndarray] = field(default_factory=list)
+    top1: list[np.ndarray] = field(default_factory=list)
+    versions: list[np.ndarray] = field(default_factory=list)
+    n: int = 0
+    stop_index: int = -1
+    exact_versions: np.ndarray | None = None
+    ended: bool = False  # the engine finished this request; later cancels are late
+    cancel_received_at: float = 0.0
+    tokens_at_cancel: int = 0
+
+
+ENDING_OF_FINISH_REASON = {"stop": "finished", "length": "truncated"}
+
+
+class Sampler(Actor):
+    ROLE = "sampler"
+
+    def make_engine(self) -> GenerationEngine:
+        raise NotImplementedError
+
+    async def setup(self) -> None:
+        t = self.transport
+        self.assets = load_assets(self.run_dir)
+        self.version = 0
+        self.version_changed = asyncio.Event()
+        self.live: dict[str, LiveRequest] = {}
+        self.recently_ended: OrderedDict[str, str] = OrderedDict()
+        self.tasks: set[asyncio.Task] = set()
+        self.work = t.socket(zmq.DEALER, "work", bind=False, identity=self.name)
+        self.cancels = t.socket(zmq.DEALER, "stopper_cancel", bind=False, identity=self.name)
+        self.results = t.socket(zmq.PUSH, "results", bind=False)
+        self.broadcast = t.socket(zmq.SUB, "broadcast", bind=False, subscribe=True)
+        self.streams = []
+        if self.cfg.actors.stopper is not None:
+            self.streams.append(t.socket(zmq.PUSH, "stopper_stream", bind=False))
+        if self.cfg.actors.critic is not None:
+            self.streams.append(t.socket(zmq.PUSH, "critic_stream", bind=False))
+        self.weights_lock = asyncio.Lock()
+        self.engine = self.make_engine()
+        await self.engine.start()
+
+    async def main(self) -> None:
+        await self.started.wait()
+        loops = [self._work_loop(), self._cancel_loop(), self._broadcast_loop()]
+        await self._request_work(self.engine.max_concurrency)
+        await asyncio.gather(*loops)
+
+    async def teardown(self) -> None:
+        for rid in list(self.live):
+            with contextlib.suppress(Exception):
+                await self.engine.abort(rid)
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.engine.shutdown()
+
+    def heartbeat_counters(self) -> dict[str, float]:
+        out = super().heartbeat_counters()
+        out["active"] = float(len(self.live))
+        out["max_concurrency"] = float(self.engine.max_concurrency)
+        out["policy_version"] = float(self.version)
+        return out
+
+    # -- loops -------------------------------------------------------------------------------
+
+    async def _request_work(self, slots: int) -> None:
+        await self.transport.send(
+            self.work, P.WorkRequest(sampler_id=self.name, free_slots=slots, policy_version=self.version)
+        )
+
+    async def _work_loop(self) -> None:
+        while True:
+            msg = await self.transport.recv(self.work, "coordinator")
+            if isinstance(msg, P.PromptWork):
+                if msg.request_id in self.live:
+                    self.counters["duplicate_work"] += 1
+                    continue
+                task = asyncio.create_task(self._serve(msg), name=msg.request_id)
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            elif msg is not None:
+                self.counters["unexpected_messages"] += 1
+
+    async def _cancel_loop(self) -> None:
+        while True:
+            msg = await self.transport.recv(self.cancels, "stopper")
+            if isinstance(msg, P.Cancel):
+                await self.on_cancel(msg)
+            elif msg is not None:
+                self.counters["unexpected_messages"] += 1
+
+    async def _broadcast_loop(self) -> None:
+        while True:
+            msg = await self.transport.recv(self.broadcast, "learner")
+            if isinstance(msg, P.WeightsAnnounced) and msg.model == "policy":
+                await self.on_weights(msg)
+            elif isinstance(msg, P.Shutdown):
+                self.on_shutdown(msg)
+
+    # -- handlers ----------------------------------------------------------------------------
+
+    async def on_weights(self, msg: P.WeightsAnnounced) -> None:
+        async with self.weights_lock:
+            if msg.version <= self.version:
+                return  # already have it (announcements repeat for late joiners)
+            path = Path(msg.uri.removeprefix("file://"))
+            seconds = await self.engine.load_weights(path, msg.version)
+            self.version = msg.version
+            self.counters["weight_updates"] += 1
+            self.counters["weight_update_s"] = seconds
+            self.version_changed.set()
+            self.version_changed = asyncio.Event()
+            self.log.info("policy version %d loaded in %.3fs", msg.version, seconds)
+
+    async def on_cancel(self, msg: P.Cancel) -> None:
+        req = self.live.get(msg.request_id)
+        if req is None or req.ended:
+            kind = "cancel_after_end" if msg.request_id in self.recently_ended else "cancel_unknown"
+            self.counters[kind] += 1
+            self.log.info("%s for %s ignored", kind, msg.request_id)
+            return
+        if req.stop_index >= 0:
+            self.counters["cancel_duplicate"] += 1
+            return
+        if msg.stop_index >= req.n:
+            self.counters["cancel_out_of_range"] += 1
+            self.log.warning("cancel of %s at %d but only %d tokens exist", msg.request_id, msg.stop_index, req.n)
+            return
+        req.stop_index = msg.stop_index
+        req.cancel_received_at = time.perf_counter()
+        req.tokens_at_cancel = req.n
+        self.counters["cancels"] += 1
+        await self.engine.abort(msg.request_id)
+
+    async def _wait_for_version(self, version: int) -> None:
+        while self.version < version:
+            await self.version_changed.wait()
+
+    async def _serve(self, work: P.PromptWork) -> None:
+        req = LiveRequest(work)
+        self.live[work.request_id] = req
+        finish_reason = "abort"
+        try:
+            await self._wait_for_version(work.issued_at_version)
+            first = True
+            async for chunk in self.engine.generate(
+                work.request_id,
+                work.prompt_token_ids,
+                max_tokens=work.max_tokens,
+                temperature=work.temperature,
+                top_p=work.top_p,
+                seed=stable_seed(self.cfg.run.seed, work.request_id, work.attempt),
+                context={"prompt_id": work.prompt_id, "sample_index": work.sample_index, "version": self.version},
+            ):
+                n = len(chunk.token_ids)
+                if n:
+                    versions = np.full(n, self.version, dtype=np.int32)
+                    self._stream(req, chunk, versions, first)
+                    first = False
+                    req.token_ids.append(chunk.token_ids)
+                    req.logprobs.append(chunk.logprobs)
+                    req.top1.append(chunk.top1_logprobs)
+                    req.versions.append(versions)
+                    req.n += n
+                    self.counters["tokens_generated"] += n
+                if chunk.finish_reason is not None:
+                    finish_reason = chunk.finish_reason
+                    if chunk.versions is not None and len(chunk.versions) == req.n:
+                        req.exact_versions = np.asarray(chunk.versions, dtype=np.int32)
+            req.ended = True
+            await self._finish(req, finish_reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The engine failed this request: hand the work back so the coordinator re-issues it.
+            self.counters["request_errors"] += 1
+            self.log.exception("request %s failed", work.request_id)
+            await self.transport.send(
+                self.work,
+                P.WorkDone(sampler_id=self.name, request_id=work.request_id, ending=None, n_tokens=req.n, error=repr(exc)),
+            )
+            await self._request_work(1)
+        finally:
+            self.live.pop(work.request_id, None)
+            self.recently_ended[work.request_id] = finish_reason
+            while len(self.recently_ended) > 10_000:
+                self.recently_ended.popitem(last=False)
+
+    def _stream(self, req: LiveRequest, chunk: EngineChunk, versions: np.ndarray, first: bool) -> None:
+        if not self.streams or req.work.purpose != "train":
+            return  # evaluation and shadow rollouts are never judged by the stopper
+        frame = P.encode(
+            P.TokenChunk(
+                request_id=req.work.request_id,
+                sampler_id=self.name,
+                start=req.n,
+                token_ids=chunk.token_ids,
+                logprobs=chunk.logprobs,
+                top1_logprobs=chunk.top1_logprobs,
+                versions=versions,
+                prompt_token_ids=req.work.prompt_token_ids if first else None,
+            )
+        )
+        for sock in self.streams:
+            self.transport.try_send(sock, frame, counter="stream_dropped")
+
+    def _trajectory(self, req: LiveRequest, finish_reason: str) -> P.Trajectory:
+        def cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+        ids = cat(req.token_ids, np.int32)
+        lps = cat(req.logprobs, np.float32)
+        top1 = cat(req.top1, np.float32)
+        vers = req.exact_versions if req.exact_versions is not None else cat(req.versions, np.int32)
+        stop_index = -1
+        if req.stop_index >= 0:
+            ending = "absorbed"
+            stop_index = req.stop_index
+            keep = stop_index + 1
+            ids, lps, top1, vers = ids[:keep], lps[:keep], top1[:keep], vers[:keep]
+            self.counters["tokens_after_stop"] += req.n - keep
+        else:
+            ending = ENDING_OF_FINISH_REASON.get(finish_reason, "truncated")
+        w = req.work
+        return P.Trajectory(
+            request_id=w.request_id,
+            prompt_id=w.prompt_id,
+            sample_index=w.sample_index,
+            group_size=w.group_size,
+            sampler_id=self.name,
+            prompt_token_ids=w.prompt_token_ids,
+            token_ids=ids,
+            logprobs=lps,
+            top1_logprobs=top1,
+            versions=vers,
+            ending=ending,
+            finish_reason=finish_reason,
+            stop_index=stop_index,
+            tokens_generated=req.n,
+            attempt=w.attempt,
+            issued_at_version=w.issued_at_version,
+            started_at=req.started_at,
+            ended_at=time.time(),
+            text=self.engine.decode(ids),
+            purpose=w.purpose,
+        )
+
+    async def _finish(self, req: LiveRequest, finish_reason: str) -> None:
+        if finish_reason == "abort" and req.stop_index < 0:
+            # Aborted for a reason other than the stop rule (shutdown): nothing to hand over.
+            self.counters["aborted_without_stop"] += 1
+            return
+        traj = self._trajectory(req, finish_reason)
+        if req.stop_index >= 0:
+            self.counters["absorbed"] += 1
+        if req.work.purpose == "train":
+            end = P.encode(
+                P.StreamEnd(request_id=traj.request_id, sampler_id=self.name, ending=traj.ending, n_tokens=req.n)
+            )
+            for sock in self.streams:
+                self.transport.try_send(sock, end, counter="stream_dropped")
+        await self.transport.send(self.results, traj)  # blocks while the learner is behind
+        self.counters[f"ending.{traj.ending}"] += 1
+        self.counters["trajectories"] += 1
+        await self.transport.send(
+            self.work,
+            P.WorkDone(sampler_id=self.name, request_id=traj.request_id, ending=traj.ending, n_tokens=req.n),
+        )
+        await self._request_work(1)

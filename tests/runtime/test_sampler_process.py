@@ -1,0 +1,166 @@
+"""A real sampler process over real sockets; the test plays coordinator, stopper, critic, learner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import protocols as P
+from espo_async.config import parse_config
+from espo_async.tasks.registry import make_task
+from tests.runtime.harness import ActorHarness
+
+BINDS = ["work", "stopper_stream", "critic_stream", "stopper_cancel", "results", "broadcast"]
+TASK = {"name": "arithmetic", "options": {"n_steps": 3}}
+
+
+def config(**sampler_options):
+    opts = {"max_concurrency": 2, "chunk_tokens": 1}
+    opts.update(sampler_options)
+    return parse_config(
+        {
+            "task": TASK,
+            "rollout": {"max_tokens": 40, "samples_per_prompt": 2},
+            "actors": {"sampler": {"class": "actors.samplers.fake:FakeSampler", "options": opts}},
+            "transport": {"heartbeat_interval_s": 0.1},
+        }
+    )
+
+
+def work_for(tokenizer, problem_index=0, sample=0, *, version=0, max_tokens=40):
+    task = make_task(TASK["name"], **TASK["options"])
+    problem = task.train_problems()[problem_index]
+    ids = np.asarray(tokenizer.encode(task.format_prompt(problem)), dtype=np.int32)
+    return (
+        P.PromptWork(
+            request_id=f"g0/{problem.id}#{sample}",
+            prompt_id=f"g0/{problem.id}",
+            sample_index=sample,
+            group_size=2,
+            prompt_token_ids=ids,
+            max_tokens=max_tokens,
+            issued_at_version=version,
+        ),
+        task,
+        problem,
+    )
+
+
+@pytest.fixture
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+async def started(h: ActorHarness) -> bytes:
+    await h.start()
+    ident, msg = await h.recv_routed("work", timeout=30)
+    assert isinstance(msg, P.WorkRequest) and msg.free_slots == 2
+    return ident
+
+
+async def test_good_rollout_streams_every_token_and_finishes(tmp_path, tiny_model_dir, tokenizer):
+    async with ActorHarness(config(p_bad=0.0), tmp_path, "sampler-0", binds=BINDS, assets=_assets(tiny_model_dir)) as h:
+        ident = await started(h)
+        work, task, problem = work_for(tokenizer)
+        await h.send_to("work", ident, work)
+        traj = await h.recv("results", timeout=30)
+        assert isinstance(traj, P.Trajectory)
+        assert traj.ending == "finished" and traj.finish_reason == "stop"
+        assert traj.text == task.solution(problem)
+        assert task.score(problem, traj.text) == 1.0
+        assert traj.token_ids[-1] == tokenizer.eos_token_id
+        assert (traj.versions == 0).all() and traj.stop_index == -1
+        # Both streams got every token exactly once, in order, the prompt with the first chunk.
+        for endpoint in ("stopper_stream", "critic_stream"):
+            end, chunks = await h.recv_until(endpoint, lambda m: isinstance(m, P.StreamEnd))
+            assert chunks[0].prompt_token_ids is not None
+            assert all(c.prompt_token_ids is None for c in chunks[1:])
+            assert [c.start for c in chunks] == list(np.cumsum([0] + [len(c.token_ids) for c in chunks[:-1]]))
+            streamed = np.concatenate([c.token_ids for c in chunks])
+            assert streamed.tolist() == traj.token_ids.tolist()
+            assert end.ending == "finished" and end.n_tokens == len(traj.token_ids)
+        # The slot comes back to the coordinator after the trajectory was handed over.
+        msgs = [await h.recv_routed("work"), await h.recv_routed("work")]
+        kinds = sorted(type(m).__name__ for _, m in msgs)
+        assert kinds == ["WorkDone", "WorkRequest"]
+
+
+async def test_cancel_aborts_in_flight_keeps_tokens_up_to_the_stop_and_frees_the_slot(
+    tmp_path, tiny_model_dir, tokenizer
+):
+    cfg = config(p_bad=1.0, tokens_per_s=50.0, fail_at=(0.0, 0.0))
+    async with ActorHarness(cfg, tmp_path, "sampler-0", binds=BINDS, assets=_assets(tiny_model_dir)) as h:
+        ident = await started(h)
+        work, _, _ = work_for(tokenizer, max_tokens=40)
+        await h.send_to("work", ident, work)
+        seen = 0
+        while seen < 10:
+            chunk = await h.recv("stopper_stream")
+            seen += len(chunk.token_ids)
+        owner = chunk.sampler_id.encode()
+        await h.send_to(
+            "stopper_cancel", owner, P.Cancel(request_id=work.request_id, sampler_id=chunk.sampler_id, stop_index=5)
+        )
+        traj = await h.recv("results", timeout=10)
+        assert traj.ending == "absorbed" and traj.stop_index == 5
+        assert len(traj.token_ids) == 6 and traj.finish_reason == "abort"
+        # The engine stopped within about one token of the cancel (at 50 tok/s, 40 would take 0.8 s).
+        assert seen <= traj.tokens_generated <= seen + 2
+        assert traj.tokens_generated < work.max_tokens
+        (_, done), _ = await h.recv_until("work", lambda m: isinstance(m, P.WorkDone), routed=True)
+        assert done.ending == "absorbed"
+        (_, again), _ = await h.recv_until("work", lambda m: isinstance(m, P.WorkRequest), routed=True)
+        assert again.free_slots == 1
+        hb = await h.wait_heartbeat(lambda hb: hb.counters.get("cancels") == 1 and hb.counters.get("active") == 0)
+        assert hb.counters["max_concurrency"] == 2
+
+        # A second cancel of the same request, and one for a request nobody knows, are counted.
+        await h.send_to("stopper_cancel", owner, P.Cancel(request_id=work.request_id, sampler_id="sampler-0", stop_index=5))
+        await h.send_to("stopper_cancel", owner, P.Cancel(request_id="nope", sampler_id="sampler-0", stop_index=0))
+        await h.wait_heartbeat(
+            lambda hb: hb.counters.get("cancel_after_end") == 1 and hb.counters.get("cancel_unknown") == 1
+        )
+
+
+async def test_rollout_that_hits_max_tokens_is_truncated(tmp_path, tiny_model_dir, tokenizer):
+    async with ActorHarness(config(p_bad=1.0), tmp_path, "sampler-0", binds=BINDS, assets=_assets(tiny_model_dir)) as h:
+        ident = await started(h)
+        work, _, _ = work_for(tokenizer, max_tokens=20)
+        await h.send_to("work", ident, work)
+        traj = await h.recv("results", timeout=30)
+        assert traj.ending == "truncated" and traj.finish_reason == "length"
+        assert len(traj.token_ids) == 20 == traj.tokens_generated
+
+
+async def test_request_waits_for_the_version_it_was_issued_at(tmp_path, tiny_model_dir, tokenizer):
+    async with ActorHarness(config(p_bad=0.0), tmp_path, "sampler-0", binds=BINDS, assets=_assets(tiny_model_dir)) as h:
+        ident = await started(h)
+        work, _, _ = work_for(tokenizer, version=1)
+        await h.send_to("work", ident, work)
+        # It accepted the request but generates nothing while its weights are at version 0.
+        hb = await h.wait_heartbeat(lambda hb: hb.counters.get("active") == 1)
+        assert hb.counters.get("tokens_generated", 0) == 0 and hb.counters["policy_version"] == 0
+        weights = P.WeightsAnnounced(model="policy", version=1, uri="file:///dev/null", sha256="", nbytes=0)
+        traj = None
+        while traj is None:  # PUB/SUB: repeat the announcement until it lands (as the learner does)
+            await h.send("broadcast", weights)
+            try:
+                traj = await h.recv("results", timeout=0.5)
+            except TimeoutError:
+                pass
+        assert (traj.versions == 1).all()
+        await h.wait_heartbeat(lambda hb: hb.counters.get("policy_version") == 1)
+
+
+async def test_sigterm_stops_the_process_cleanly(tmp_path, tiny_model_dir):
+    h = ActorHarness(config(), tmp_path, "sampler-0", binds=BINDS, assets=_assets(tiny_model_dir))
+    async with h:
+        await started(h)
+        code = await h.stop()
+    assert code == 0, h.output()[-2000:]
+
+
+def _assets(model_dir: str) -> dict:
+    return {"policy_dir": model_dir, "critic_dir": model_dir, "critic_from_policy": True}

@@ -1,0 +1,126 @@
+"""A real stopper process; the test plays the samplers, the critic and the learner."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+import protocols as P
+from espo_async.config import parse_config
+from espo_async.core import first_stop
+from tests.runtime.harness import ActorHarness
+
+BINDS = ["broadcast"]
+
+
+def config(**stop):
+    stop = {"policy": "espo", "warmup": {"enabled": False}, **stop}
+    return parse_config({"stop": stop, "transport": {"heartbeat_interval_s": 0.1}})
+
+
+def chunk(rid, start, regrets, sampler="sampler-0", prompt=True):
+    n = len(regrets)
+    top1 = np.full(n, -0.05, np.float32)
+    return P.TokenChunk(
+        request_id=rid,
+        sampler_id=sampler,
+        start=start,
+        token_ids=np.arange(start, start + n, dtype=np.int32) % 20 + 4,
+        logprobs=(top1 - np.asarray(regrets, np.float32)).astype(np.float32),
+        top1_logprobs=top1,
+        versions=np.zeros(n, np.int32),
+        prompt_token_ids=np.array([1, 5, 6], np.int32) if (prompt and start == 0) else None,
+    )
+
+
+class Peers:
+    """The test's side: a sampler DEALER (receives cancels) and a PUSH into the stopper."""
+
+    def __init__(self, h: ActorHarness, sampler="sampler-0"):
+        self.ctx = zmq.asyncio.Context.instance()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.connect(h.addresses["stopper_stream"])
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.ROUTING_ID, sampler.encode())
+        self.dealer.connect(h.addresses["stopper_cancel"])
+        for s in (self.push, self.dealer):
+            s.setsockopt(zmq.LINGER, 0)
+
+    async def send(self, msg):
+        await self.push.send(P.encode(msg))
+
+    async def cancel(self, timeout=10.0) -> P.Cancel:
+        async with asyncio.timeout(timeout):
+            return P.decode(await self.dealer.recv())
+
+    def close(self):
+        self.push.close()
+        self.dealer.close()
+
+
+@pytest.fixture
+async def stopper(tmp_path, tiny_model_dir):
+    assets = {"policy_dir": tiny_model_dir, "critic_dir": tiny_model_dir, "critic_from_policy": True}
+    async with ActorHarness(config(), tmp_path, "stopper", binds=BINDS, assets=assets) as h:
+        await h.start()
+        peers = Peers(h)
+        yield h, peers
+        peers.close()
+
+
+async def test_stops_at_the_index_the_pure_rule_gives_and_waits_for_values(stopper):
+    h, peers = stopper
+    rng = np.random.default_rng(0)
+    regrets = np.concatenate([rng.exponential(0.05, 8), rng.exponential(3.0, 40)])
+    values = np.full(len(regrets), 0.1)
+    expected = first_stop(
+        torch.tensor(regrets, dtype=torch.float32).double(), torch.tensor(values), mu=0.0, var=1.0,
+        c=5.0, delta=1e-4, alpha_s=0.9, beta=7.0, eps=0.2,
+    )
+    assert expected is not None
+    # All tokens first, no values: the stopper must not decide anything yet.
+    await peers.send(chunk("r1", 0, regrets.astype(np.float32)))
+    await h.wait_heartbeat(lambda hb: hb.counters.get("tokens", 0) == len(regrets))
+    # Then the values: now it decides, at exactly the pure rule's index.
+    await peers.send(P.ValueChunk(request_id="r1", positions=np.arange(len(values), dtype=np.int32),
+                                  values=values.astype(np.float32), critic_version=0))
+    cancel = await peers.cancel()
+    assert cancel.request_id == "r1" and cancel.stop_index == expected
+    assert cancel.z > cancel.threshold
+
+
+async def test_missing_values_mean_no_stop_and_garbage_is_counted(stopper):
+    h, peers = stopper
+    await peers.send(chunk("r2", 0, np.full(30, 5.0, np.float32)))
+    await peers.push.send(b"\x00garbage")
+    await peers.send(chunk("r2", 40, np.full(5, 5.0, np.float32)))  # a gap: the stream can't be judged
+    hb = await h.wait_heartbeat(
+        lambda hb: hb.counters.get("wire.bad_frames") == 1 and hb.counters.get("streams_with_gaps") == 1
+    )
+    assert hb.counters.get("cancels_sent", 0) == 0
+    assert hb.counters["live_streams"] == 1
+    await peers.send(P.StreamEnd(request_id="r2", sampler_id="sampler-0", ending="truncated", n_tokens=35))
+    await h.wait_heartbeat(lambda hb: hb.counters["live_streams"] == 0)
+
+
+async def test_stop_parameters_come_from_the_learners_batch_boundary(stopper):
+    h, peers = stopper
+    # The learner turns stopping off (e.g. warm-up): a clearly failing stream is left alone.
+    params = P.StopParams(kind="espo", enabled=False, mu=0.0, var=1.0, c=5.0, delta=1e-4, alpha_s=0.9,
+                          beta=7.0, eps=0.2, step=1)
+    boundary = P.BatchBoundary(step=1, policy_version=1, total_steps=10, stop=params, n_trajectories=8,
+                               stop_rate=0.0, regret_mean=0.0, regret_var=1.0, regret_count=100, critic_loss=1.0)
+    while True:  # PUB/SUB: repeat until it has been applied (as the learner does)
+        await h.send("broadcast", boundary)
+        hb = await h.wait_heartbeat(lambda hb: True, fresh_only=True)
+        if hb.counters.get("stopping_enabled") == 0.0:
+            break
+    await peers.send(chunk("r3", 0, np.full(30, 5.0, np.float32)))
+    await peers.send(P.ValueChunk(request_id="r3", positions=np.arange(30, dtype=np.int32),
+                                  values=np.zeros(30, np.float32), critic_version=0))
+    hb = await h.wait_heartbeat(lambda hb: hb.counters.get("values", 0) >= 30)
+    assert hb.counters.get("cancels_sent", 0) == 0

@@ -1,0 +1,121 @@
+"""The whole actor system: real processes, real ZeroMQ sockets, fake samplers and critic,
+the real DeepSpeed learner on the tiny model."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+from transformers import AutoTokenizer
+
+from actors.ids import group_of
+from espo_async.runtime.metrics import read_metrics
+from tests.runtime.system import fake_config, learner_state, received, run_system
+
+pytestmark = pytest.mark.slow
+
+
+async def test_espo_run_completes_with_exactly_one_trajectory_per_sample(tmp_path, tiny_model_dir):
+    cfg = fake_config()
+    result = await run_system(cfg, tmp_path)
+    assert result.exit_code == 0, result.reason
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("reward", "accuracy", "stop_rate", "tokens_generated", "tokens_saved_est", "beta", "norm_mu",
+                "norm_var", "policy_loss", "critic_loss", "kl", "entropy", "tokens_per_s"):
+        assert key in rows[-1], key
+    assert (tmp_path / "final" / "config.json").is_file()
+
+    trajs = received(tmp_path)
+    keys = [(t.prompt_id, t.sample_index) for t in trajs]
+    assert len(keys) == len(set(keys)), "a trajectory reached the learner twice"
+    # Every group the learner trained on is complete: one trajectory per (prompt, sample).
+    by_group = collections.defaultdict(set)
+    for t in trajs:
+        by_group[t.prompt_id].add(t.sample_index)
+    consumed = learner_state(tmp_path)["consumed_groups"]
+    assert len(consumed) == cfg.run.total_steps * cfg.rollout.prompts_per_batch
+    for gid in consumed:
+        assert by_group[gid] == set(range(cfg.rollout.samples_per_prompt)), gid
+
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    endings = collections.Counter(t.ending for t in trajs)
+    assert endings["absorbed"] > 0 and endings["finished"] > 0, endings
+    for t in trajs:
+        if t.ending == "absorbed":  # cut at the stop token, shortly after the stopper decided
+            assert len(t.token_ids) == t.stop_index + 1 <= t.tokens_generated < cfg.rollout.max_tokens
+            assert t.tokens_generated - len(t.token_ids) <= 3
+        elif t.ending == "finished":
+            assert t.token_ids[-1] == eos and t.tokens_generated == len(t.token_ids)
+        elif t.ending == "truncated":
+            assert len(t.token_ids) == cfg.rollout.max_tokens
+        # Every token records the policy version that produced it; versions never go back.
+        assert len(t.versions) == len(t.token_ids) and (np.diff(t.versions) >= 0).all()
+        # Staleness bound: the sampler waited for the version the work was issued at, and no
+        # group was started more than K versions ahead of the learner.
+        if len(t.versions):
+            assert t.versions[0] >= t.issued_at_version
+        k, p = cfg.rollout.staleness, cfg.rollout.prompts_per_batch
+        assert group_of(t.prompt_id) < (t.issued_at_version + k + 1) * p
+    # The stop rule fired on the rollouts that went wrong, not on good ones.
+    from espo_async.tasks.registry import make_task
+    from actors.reward import TaskReward
+
+    reward = TaskReward(make_task("arithmetic", n_steps=3))
+    gold_prefix_ok = [reward(t.prompt_id, t.text) for t in trajs if t.ending == "finished"]
+    assert all(r == 1.0 for r in gold_prefix_ok)
+
+
+async def test_swapped_stopper_class_and_on_policy_bound(tmp_path, tiny_model_dir):
+    cfg = fake_config(
+        run={"total_steps": 2},
+        rollout={"staleness": 0},
+        actors={"stopper": {"class": "tests.runtime.alt_actors:ObservingStopper"}},
+    )
+    result = await run_system(cfg, tmp_path)
+    assert result.exit_code == 0, result.reason
+    assert result.actors["stopper"].counters.get("observed_tokens", 0) > 0
+    trajs = received(tmp_path)
+    assert all(t.ending != "absorbed" for t in trajs)
+    # K = 0: every trained rollout was generated entirely by the policy of its batch.
+    for t in trajs:
+        batch = group_of(t.prompt_id) // cfg.rollout.prompts_per_batch
+        if len(t.versions) and t.prompt_id in learner_state(tmp_path)["consumed_groups"]:
+            assert set(t.versions.tolist()) == {batch}
+
+
+def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir):
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg = fake_config(run={"total_steps": 1000})
+    cfg_path.write_text(cfg.to_yaml())
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "run.py", "--config", str(cfg_path), "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (run_dir / "metrics.jsonl").exists() or not read_metrics(run_dir):  # first learner step
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no learner step within 180 s"
+            time.sleep(0.2)  # polling a file another process writes; there is no event to wait on
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert len(tree) >= 5
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+        output = proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130, output[-3000:]
+    gone, alive = psutil.wait_procs(tree, timeout=10)
+    assert not alive, f"orphans: {[p.pid for p in alive]}"
