@@ -50,6 +50,8 @@ def resolve_model(spec: str, config: Config, *, log=print) -> Path:
             task_alphabet(config) or DEFAULT_ALPHABET,
             n_layers=config.model.tiny_layers,
             hidden=config.model.tiny_hidden,
+            heads=config.model.tiny_hidden // 32,
+            kv_heads=max(1, config.model.tiny_hidden // 64),
             seed=config.run.seed,
             max_position=max(512, 2 * config.rollout.max_tokens),
         )
