@@ -144,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         result = asyncio.run(supervisor.run())
     print(f"[espo] {'finished' if result.exit_code == 0 else 'FAILED'}: {result.reason} ({time.time() - t0:.1f}s)")
+    try:
+        from espo_async.report import plot_run
+
+        plot_run(run_dir)
+    except Exception as exc:  # plots are a convenience; never hide the run's result behind them
+        print(f"[espo] could not draw plots: {exc}", file=sys.stderr)
     print(summarize(run_dir))
     return result.exit_code
 

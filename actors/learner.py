@@ -103,14 +103,20 @@ class Learner(Actor):
         self.last_metrics: dict[str, float] = {}
 
     def _make_trainer(self):
+        import torch
+
         from espo_async.training.trainer import PPOTrainer
 
+        device = self.cfg.model.learner_device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         return PPOTrainer(
             self.cfg,
             self.assets.policy_dir,
             self.assets.critic_dir,
             critic_from_policy=self.assets.critic_from_policy,
             work_dir=self.run_dir / "learner",
+            device=device,
             micro_batch_tokens=self.cfg.algo.micro_batch_tokens,
             gradient_checkpointing=self.cfg.algo.gradient_checkpointing,
         )
@@ -221,7 +227,10 @@ class Learner(Actor):
         if rnd is None or key in rnd.scores:
             self.counters["eval_unexpected"] += 1
             return
-        rnd.scores[key] = self.reward(traj.prompt_id, traj.text)
+        rnd.scores[key] = score = self.reward(traj.prompt_id, traj.text)
+        with (self.run_dir / "eval_samples.jsonl").open("a") as f:
+            f.write(json.dumps({"round": rnd.request.round, "prompt_id": traj.prompt_id, "sample": traj.sample_index,
+                                "text": traj.text, "score": score, "ending": traj.ending}) + "\n")
         rnd.lengths.append(len(traj.token_ids))
         rnd.finished += traj.ending == "finished"
         if len(rnd.scores) == rnd.expected:

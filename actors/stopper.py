@@ -73,7 +73,9 @@ class Stopper(Actor):
         self.early_values: dict[str, dict[int, float]] = {}
 
     async def main(self) -> None:
-        await asyncio.gather(self._stream_loop(), self._broadcast_loop())
+        await asyncio.gather(
+            self._stream_loop(), self._broadcast_loop(), self.expire_idle_streams(self.streams, self.early_values.pop)
+        )
 
     def heartbeat_counters(self) -> dict[str, float]:
         out = super().heartbeat_counters()
@@ -155,6 +157,7 @@ class Stopper(Actor):
                 self.early_values.setdefault(msg.request_id, {}).update(pairs)
             return
         st.values.update(pairs)
+        st.last_activity = time.monotonic()
         self.counters["values"] += len(pairs)
         self._advance(msg.request_id, st)
 

@@ -153,6 +153,7 @@ class ModelConfig(_Section):
     policy: str = Field("tiny", description="'tiny' (built by the project), 'smollm2-135m', or a local HF checkpoint path.")
     critic: str = Field("policy", description="'policy': a scalar head on a copy of the policy; or a model spec like policy.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype for engines and training.")
+    learner_device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the learner trains ('auto': CUDA if visible).")
     sft_steps: int = Field(0, ge=0, description="Supervised warm-up steps on the task's gold solutions before RL (tiny model).")
     sft_batch: int = Field(64, ge=1, description="Supervised warm-up batch size.")
     sft_lr: float = Field(3e-3, gt=0, description="Supervised warm-up peak learning rate (one-cycle schedule).")
@@ -221,6 +222,9 @@ class TransportConfig(_Section):
     heartbeat_timeout_s: float = Field(30.0, gt=0, description="An actor silent this long is reported as hung or dead.")
     startup_timeout_s: float = Field(300.0, gt=0, description="All actors must report ready within this time.")
     shutdown_timeout_s: float = Field(20.0, gt=0, description="Grace period before stragglers are killed.")
+    stream_ttl_s: float = Field(
+        600.0, gt=0, description="Stopper/critic forget a stream idle this long (its end message was lost)."
+    )
 
 
 class RunConfig(_Section):

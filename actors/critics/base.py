@@ -56,6 +56,7 @@ class CriticStream:
     n_values: int = 0  # states valued so far (s_0 .. s_{n_values-1})
     started: bool = False
     broken: bool = False
+    last_activity: float = field(default_factory=time.monotonic)
 
 
 class Critic(Actor):
@@ -71,7 +72,7 @@ class Critic(Actor):
         self.out = t.socket(zmq.PUSH, "stopper_stream", bind=False) if self.cfg.actors.stopper else None
         self.broadcast = t.socket(zmq.SUB, "broadcast", bind=False, subscribe=True)
         self.interval = self.cfg.stop.value_interval
-        self.version = 0
+        self.version = -1  # no learner weights yet: the v0 announcement must load too
         self.streams: dict[str, CriticStream] = {}
         self.ended: list[str] = []
         self.work = asyncio.Event()
@@ -79,12 +80,15 @@ class Critic(Actor):
         self.model_lock = asyncio.Lock()
 
     async def main(self) -> None:
-        await asyncio.gather(self._recv_loop(), self._broadcast_loop(), self._compute_loop())
+        await asyncio.gather(
+            self._recv_loop(), self._broadcast_loop(), self._compute_loop(),
+            self.expire_idle_streams(self.streams, self.ended.append),
+        )
 
     def heartbeat_counters(self) -> dict[str, float]:
         out = super().heartbeat_counters()
         out["live_streams"] = float(len(self.streams))
-        out["critic_version"] = float(self.version)
+        out["critic_version"] = float(max(self.version, 0))
         return out
 
     async def _recv_loop(self) -> None:
@@ -114,6 +118,7 @@ class Critic(Actor):
             return
         st.pending.append(np.asarray(msg.token_ids))
         st.n_tokens += len(msg.token_ids)
+        st.last_activity = time.monotonic()
         self.work.set()
 
     async def _broadcast_loop(self) -> None:
@@ -157,7 +162,17 @@ class Critic(Actor):
                 continue
             async with self.model_lock:
                 t0 = time.perf_counter()
-                results = await asyncio.to_thread(self.model.values, batch)
+                try:
+                    results = await asyncio.to_thread(self.model.values, batch)
+                except Exception:
+                    # A model error must not end the critic: these streams get no more values
+                    # (so the stopper never stops them); every other stream goes on.
+                    self.counters["value_errors"] += 1
+                    self.log.exception("value model failed on %d streams; they get no values", len(batch))
+                    for req in batch:
+                        if req.request_id in self.streams:
+                            self.streams[req.request_id].broken = True
+                    continue
                 self.counters["value_batches"] += 1
                 self.counters["value_batch_s"] += time.perf_counter() - t0
             for req, vals in zip(batch, results):
@@ -170,6 +185,6 @@ class Critic(Actor):
         if self.out is None or not keep.any():
             return
         msg = P.ValueChunk(
-            request_id=req.request_id, positions=positions[keep], values=vals[keep], critic_version=self.version
+            request_id=req.request_id, positions=positions[keep], values=vals[keep], critic_version=max(self.version, 0)
         )
         self.transport.try_send(self.out, msg, counter="values_dropped")

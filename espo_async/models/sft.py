@@ -108,11 +108,20 @@ def greedy_accuracy(model, tokenizer, task, problems, max_new_tokens: int) -> fl
 
 
 def train_sft(base_dir: Path, out_dir: Path, config, *, log=print) -> dict:
+    m = config.model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest and never fights other processes
+    try:
+        return _train(base_dir, out_dir, config, m, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(base_dir: Path, out_dir: Path, config, m, log) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from espo_async.tasks.registry import make_task
 
-    m = config.model
     torch.manual_seed(config.run.seed)
     rng = random.Random(config.run.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
@@ -134,7 +143,7 @@ def train_sft(base_dir: Path, out_dir: Path, config, *, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if step % every == 0 or step == m.sft_steps:
             log(f"  sft step {step}/{m.sft_steps}: loss {loss_value:.4f} ({time.time() - t0:.0f}s)")
     model.eval()

@@ -194,6 +194,19 @@ class Actor:
             elif isinstance(msg, P.Shutdown):
                 self.on_shutdown(msg)
 
+    async def expire_idle_streams(self, streams: dict, on_expire=None) -> None:
+        """Forget streams (values with a ``last_activity`` monotonic time) idle longer than
+        ``transport.stream_ttl_s``: their end message was lost; memory must stay bounded."""
+        ttl = self.cfg.transport.stream_ttl_s
+        while True:
+            await asyncio.sleep(min(ttl / 4, 30.0))  # periodic sweep
+            cutoff = time.monotonic() - ttl
+            for key in [k for k, st in streams.items() if st.last_activity < cutoff]:
+                streams.pop(key, None)
+                self.counters["streams_expired"] += 1
+                if on_expire is not None:
+                    on_expire(key)
+
     async def _watch_parent(self) -> None:
         """Exit if the supervisor dies without telling us (no orphans)."""
         parent = os.getppid()

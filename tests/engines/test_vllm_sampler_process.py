@@ -1,0 +1,157 @@
+"""The vLLM sampler as an actor process (real engine, real sockets); the test plays the
+coordinator, the stopper and the learner. One sampler process (one engine start) per module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytest_asyncio
+import torch
+
+import protocols as P
+from espo_async.config import parse_config
+from espo_async.engines.weights import save_weights_safetensors
+from espo_async.tasks.registry import make_task
+from tests.runtime.harness import ActorHarness
+
+pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
+
+BINDS = ["work", "stopper_stream", "critic_stream", "stopper_cancel", "results", "broadcast"]
+TASK = {"name": "arithmetic", "options": {"n_steps": 3}}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sampler(tmp_path_factory, tiny_model_dir):
+    cfg = parse_config(
+        {
+            "task": TASK,
+            "rollout": {"max_tokens": 48},
+            "actors": {
+                "sampler": {
+                    "class": "actors.samplers.vllm:VLLMSampler",
+                    "options": {"max_num_seqs": 2, "kv_cache_gib": 1.0, "max_model_len": 256, "seeded": True},
+                }
+            },
+            "transport": {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 120},
+        }
+    )
+    assets = {"policy_dir": tiny_model_dir, "critic_dir": tiny_model_dir, "critic_from_policy": True}
+    run_dir = tmp_path_factory.mktemp("vllm-sampler")
+    async with ActorHarness(cfg, run_dir, "sampler-0", binds=BINDS, assets=assets) as h:
+        await h.start(timeout=240)
+        ident, msg = await h.recv_routed("work", timeout=60)
+        assert isinstance(msg, P.WorkRequest) and msg.free_slots == 2
+        h.ident = ident
+        yield h
+
+
+def work(tokenizer, n=0, *, temperature=1.0, max_tokens=48, version=0, rid=None):
+    task = make_task(TASK["name"], **TASK["options"])
+    problem = task.eval_problems()[n]
+    ids = np.asarray(tokenizer.encode(task.format_prompt(problem)), dtype=np.int32)
+    pid = f"g{n}/{problem.id}"
+    return P.PromptWork(
+        request_id=rid or f"{pid}#0",
+        prompt_id=pid,
+        sample_index=0,
+        group_size=1,
+        prompt_token_ids=ids,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        issued_at_version=version,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+async def drain_work(h):
+    """WorkDone + WorkRequest follow every trajectory; consume them."""
+    for _ in range(2):
+        await h.recv_routed("work", timeout=30)
+
+
+async def test_tokens_and_logprobs_stream_and_match_the_trajectory(sampler, tokenizer):
+    h = sampler
+    w = work(tokenizer, 0, rid="stream#0")
+    await h.send_to("work", h.ident, w)
+    traj = await h.recv("results", timeout=60)
+    end, chunks = await h.recv_until("stopper_stream", lambda m: isinstance(m, P.StreamEnd), timeout=30)
+    assert all(c.request_id == "stream#0" for c in chunks) and end.request_id == "stream#0"
+    streamed = np.concatenate([c.token_ids for c in chunks])
+    assert streamed.tolist() == traj.token_ids.tolist() and len(streamed) > 0
+    lp = np.concatenate([c.logprobs for c in chunks])
+    top1 = np.concatenate([c.top1_logprobs for c in chunks])
+    assert np.all(np.isfinite(lp)) and np.all(top1 >= lp - 1e-4)  # the regret g_t >= 0
+    assert traj.ending in ("finished", "truncated") and traj.text == tokenizer.decode(traj.token_ids, skip_special_tokens=True)
+    assert (traj.versions == 0).all()
+    await drain_work(h)
+
+
+async def test_cancel_aborts_the_engine_request_and_frees_the_slot(sampler, tokenizer):
+    h = sampler
+    # Seeded sampling: a request id always yields the same tokens. Find one whose rollout runs
+    # 60 tokens without EOS, then replay it and cancel early: it cannot end before the cancel.
+    for k in range(100):
+        rid = f"cancel-{k}#0"
+        await h.send_to("work", h.ident, work(tokenizer, 1, max_tokens=60, rid=rid))
+        probe = await h.recv("results", timeout=60)
+        await drain_work(h)
+        await h.recv_until("stopper_stream", lambda m: isinstance(m, P.StreamEnd) and m.request_id == rid)
+        if probe.ending == "truncated":
+            break
+    else:
+        pytest.fail("no 60-token rollout without EOS in 100 seeded tries")
+    await h.send_to("work", h.ident, work(tokenizer, 1, max_tokens=200, rid=rid))
+    seen = 0
+    while seen < 4:
+        chunk = await h.recv("stopper_stream", timeout=60)
+        if isinstance(chunk, P.TokenChunk) and chunk.request_id == rid:
+            seen = chunk.start + len(chunk.token_ids)
+    await h.send_to("stopper_cancel", b"sampler-0", P.Cancel(request_id=rid, sampler_id="sampler-0", stop_index=2))
+    traj = await h.recv("results", timeout=30)
+    assert traj.ending == "absorbed" and len(traj.token_ids) == 3 and traj.finish_reason == "abort"
+    assert traj.token_ids.tolist() == probe.token_ids[:3].tolist()  # the same (seeded) rollout
+    assert traj.tokens_generated < 60  # aborted in flight, long before its natural end
+    (_, done), _ = await h.recv_until("work", lambda m: isinstance(m, P.WorkDone), routed=True, timeout=30)
+    (_, again), _ = await h.recv_until("work", lambda m: isinstance(m, P.WorkRequest), routed=True, timeout=30)
+    assert again.free_slots == 1
+    await h.wait_heartbeat(lambda hb: hb.counters.get("active") == 0 and hb.counters.get("cancels") == 1, fresh_only=True)
+
+
+async def test_weight_update_changes_greedy_output_to_the_learners_model(sampler, tokenizer, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    h = sampler
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    target = tokenizer.convert_tokens_to_ids("7")
+    w = work(tokenizer, 2, temperature=0.0, max_tokens=24, version=1, rid="update#0")
+    prompt = torch.tensor([w.prompt_token_ids.tolist()])
+
+    def greedy():
+        out = model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        return out[0, prompt.shape[1]:].tolist()
+
+    before = greedy()
+    with torch.no_grad():  # make "7" dominant: an unmistakable change of the greedy output
+        model.lm_head.weight[target] *= 6.0
+    path = tmp_path / "policy-v1.safetensors"
+    save_weights_safetensors(model, path)
+    after = greedy()
+    assert after != before  # the perturbation changes what the learner's model says
+    await h.send_to("work", h.ident, w)  # waits in the sampler until version 1 is loaded
+    announce = P.WeightsAnnounced(model="policy", version=1, uri=f"file://{path}", sha256="", nbytes=0)
+    traj = None
+    while traj is None:  # PUB/SUB: the learner repeats announcements; so do we
+        await h.send("broadcast", announce)
+        try:
+            traj = await h.recv("results", timeout=1.0)
+        except TimeoutError:
+            pass
+    assert (traj.versions == 1).all()
+    assert traj.token_ids.tolist() == after  # the engine now says exactly what the new model says
