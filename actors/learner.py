@@ -194,6 +194,8 @@ class Learner(Actor):
             self.wal.append(traj)
         group = self.groups.setdefault(traj.prompt_id, Group(traj.group_size))
         group.members[traj.sample_index] = traj
+        # Bounded by the staleness bound: at most (K + 1) batches of groups are ever in flight.
+        self.counters["max_buffered_groups"] = max(self.counters["max_buffered_groups"], len(self.groups))
         if group.complete:
             self.ready.append(traj.prompt_id)
             self.ready_event.set()
@@ -312,7 +314,7 @@ class Learner(Actor):
                 self.log.info("waiting for %d evaluation round(s)", len(pending))
                 await asyncio.gather(*pending)
             await asyncio.to_thread(self._finish_run)
-            self.transport.try_send(self.pub, P.Shutdown(reason="training finished", source=self.name))
+            # Returning ends this process with code 0; the supervisor then stops everyone else.
         finally:
             intake.cancel()
             rebroadcast.cancel()

@@ -64,6 +64,9 @@ async def test_espo_run_completes_with_exactly_one_trajectory_per_sample(tmp_pat
             assert t.versions[0] >= t.issued_at_version
         k, p = cfg.rollout.staleness, cfg.rollout.prompts_per_batch
         assert group_of(t.prompt_id) < (t.issued_at_version + k + 1) * p
+    # Backpressure: the learner never holds more than K + 1 batches of groups.
+    k, p = cfg.rollout.staleness, cfg.rollout.prompts_per_batch
+    assert 0 < result.actors["learner"].counters["max_buffered_groups"] <= (k + 1) * p
     # The stop rule fired on the rollouts that went wrong, not on good ones.
     from espo_async.tasks.registry import make_task
     from actors.reward import TaskReward
