@@ -19,50 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from espo_async.config import Config, ConfigError, explain, load_config
-
-
-def check_actor_classes(cfg: Config) -> None:
-    """Import every configured actor class, validate its options and the task's (fail before starting)."""
-    from pydantic import ValidationError
-
-    from espo_async.runtime.actor import Actor
-    from espo_async.runtime.entry import import_class
-
-    errors = []
-    for role in ("coordinator", "sampler", "critic", "stopper", "learner"):
-        spec = getattr(cfg.actors, role)
-        if spec is None:
-            continue
-        try:
-            cls = import_class(spec.cls)
-        except ImportError as exc:
-            errors.append(f"  actors.{role}.class: {exc}")
-            continue
-        if not (isinstance(cls, type) and issubclass(cls, Actor)):
-            errors.append(f"  actors.{role}.class: {spec.cls} is not an Actor subclass")
-            continue
-        if cls.ROLE != role:
-            errors.append(f"  actors.{role}.class: {spec.cls} implements role {cls.ROLE!r}, not {role!r}")
-        if cls.OPTIONS is not None:
-            try:
-                cls.OPTIONS(**spec.options)
-            except ValidationError as exc:
-                for err in exc.errors():
-                    key = ".".join(str(p) for p in err["loc"])
-                    msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
-                    allowed = ", ".join(sorted(cls.OPTIONS.model_fields))
-                    errors.append(f"  actors.{role}.options.{key}: {msg} (options of {spec.cls}: {allowed})")
-        elif spec.options:
-            errors.append(f"  actors.{role}.options: {spec.cls} takes no options, got {sorted(spec.options)}")
-    try:
-        from espo_async.tasks.registry import make_task
-
-        make_task(cfg.task.name, **cfg.task.options)
-    except (ValueError, TypeError) as exc:
-        errors.append(f"  task: {exc}")
-    if errors:
-        raise ConfigError("invalid configuration:\n" + "\n".join(errors))
+from espo_async.config import ConfigError, explain, load_config
+from espo_async.runtime.entry import validate_actors
 
 
 def summarize(run_dir: Path) -> str:
@@ -117,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--config is required")
     try:
         cfg = load_config(args.config, args.set)
-        check_actor_classes(cfg)
+        validate_actors(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

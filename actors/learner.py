@@ -232,7 +232,9 @@ class Learner(Actor):
         rnd.scores[key] = score = self.reward(traj.prompt_id, traj.text)
         with (self.run_dir / "eval_samples.jsonl").open("a") as f:
             f.write(json.dumps({"round": rnd.request.round, "prompt_id": traj.prompt_id, "sample": traj.sample_index,
-                                "text": traj.text, "score": score, "ending": traj.ending}) + "\n")
+                                "text": traj.text, "score": score, "ending": traj.ending,
+                                "versions": sorted(set(traj.versions.tolist())),
+                                "token_ids": traj.token_ids.tolist()}) + "\n")
         rnd.lengths.append(len(traj.token_ids))
         rnd.finished += traj.ending == "finished"
         if len(rnd.scores) == rnd.expected:

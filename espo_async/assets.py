@@ -68,5 +68,6 @@ def prepare_assets(config: Config, run_dir: Path, *, log=print) -> Assets:
     from_policy = config.model.critic == "policy"
     critic = policy if from_policy else resolve_model(config.model.critic, config, log=log)
     assets = Assets(policy_dir=str(policy), critic_dir=str(critic), critic_from_policy=from_policy)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "assets.json").write_text(json.dumps(asdict(assets), indent=1))
     return assets

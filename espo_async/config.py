@@ -183,6 +183,9 @@ class ActorSpec(_Section):
     cls: str = Field(alias="class", description="Import path 'package.module:ClassName' of the actor class.")
     count: int = Field(1, ge=1, description="How many processes of this actor to start.")
     threads: int = Field(1, ge=1, description="torch intra-op threads in this process.")
+    cpus: list[int] | None = Field(
+        None, description="Pin the process(es) to these CPU ids (Linux); null: any CPU. vLLM binds its threads to them."
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="Passed to the actor class (validated there).")
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

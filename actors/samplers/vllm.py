@@ -75,9 +75,16 @@ class VLLMGeneration:
         self.eos: list[int] = []
 
     async def start(self) -> None:
+        import os
+
         from espo_async.engines.vllm_engine import VLLMEngine
 
         o = self.opts
+        # vLLM's CPU build binds its OpenMP threads to cores; keep them on this actor's cores.
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and hasattr(os, "sched_getaffinity"):
+            mine = sorted(os.sched_getaffinity(0))
+            if len(mine) < (os.cpu_count() or len(mine)):
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
         self.engine = await VLLMEngine.create(
             self.model_dir,
             max_num_seqs=o.max_num_seqs,

@@ -47,6 +47,47 @@ def actor_instances(config: Config) -> list[tuple[str, str, int]]:
     return out
 
 
+def validate_actors(cfg: Config) -> None:
+    """Import every configured actor class, validate its options and the task's (fail before starting)."""
+    from pydantic import ValidationError
+
+    from espo_async.config import ConfigError
+    from espo_async.tasks.registry import make_task
+
+    errors = []
+    for role in ("coordinator", "sampler", "critic", "stopper", "learner"):
+        spec = getattr(cfg.actors, role)
+        if spec is None:
+            continue
+        try:
+            cls = import_class(spec.cls)
+        except ImportError as exc:
+            errors.append(f"  actors.{role}.class: {exc}")
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Actor)):
+            errors.append(f"  actors.{role}.class: {spec.cls} is not an Actor subclass")
+            continue
+        if cls.ROLE != role:
+            errors.append(f"  actors.{role}.class: {spec.cls} implements role {cls.ROLE!r}, not {role!r}")
+        if cls.OPTIONS is not None:
+            try:
+                cls.OPTIONS(**spec.options)
+            except ValidationError as exc:
+                for err in exc.errors():
+                    key = ".".join(str(p) for p in err["loc"])
+                    msg = "unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+                    allowed = ", ".join(sorted(cls.OPTIONS.model_fields))
+                    errors.append(f"  actors.{role}.options.{key}: {msg} (options of {spec.cls}: {allowed})")
+        elif spec.options:
+            errors.append(f"  actors.{role}.options: {spec.cls} takes no options, got {sorted(spec.options)}")
+    try:
+        make_task(cfg.task.name, **cfg.task.options)
+    except (ValueError, TypeError) as exc:
+        errors.append(f"  task: {exc}")
+    if errors:
+        raise ConfigError("invalid configuration:\n" + "\n".join(errors))
+
+
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
     """Linux: ask the kernel to send ``sig`` when the parent dies (no orphans after kill -9)."""
     if sys.platform.startswith("linux"):

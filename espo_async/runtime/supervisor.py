@@ -26,7 +26,7 @@ import zmq
 
 import protocols as P
 from espo_async.config import Config
-from espo_async.runtime.entry import actor_instances
+from espo_async.runtime.entry import actor_instances, validate_actors
 from espo_async.runtime.transport import Transport, cleanup_ipc, resolve_addresses
 
 log = logging.getLogger("espo.supervisor")
@@ -69,6 +69,7 @@ class Supervisor:
         env: dict[str, str] | None = None,
         progress: bool | None = None,
     ):
+        validate_actors(config)  # fail here, naming the key, not in a child process later
         self.cfg = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,6 +156,9 @@ class Supervisor:
             TOKENIZERS_PARALLELISM="false",
         )
         env.update(self.env)
+        cpus = spec.cpus
+        if cpus:
+            env["ESPO_CPUS"] = ",".join(map(str, cpus))
         out = open(self.run_dir / "logs" / f"{name}.out", "ab")  # noqa: SIM115 - owned by the child
         try:
             return subprocess.Popen(
@@ -165,6 +169,7 @@ class Supervisor:
                 env=env,
                 start_new_session=True,
                 cwd=os.getcwd(),
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
             )
         finally:
             out.close()

@@ -40,36 +40,36 @@ def real_config():
     )
 
 
-def greedy_hf(model_dir, prompts, max_tokens):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def assert_greedy_path(model, prompt_ids, tokens, logprobs=None, atol=1e-4):
+    """``tokens`` is a greedy continuation of ``prompt_ids`` under ``model`` (HF): each token is an
+    argmax of the model at its position up to ``atol`` (a random-init model has near-ties, so
+    exact token equality would test float noise), and engine logprobs, if given, agree."""
+    if not tokens:
+        return
+    ids = torch.tensor([list(prompt_ids) + list(tokens)])
+    with torch.no_grad():
+        lp = model(ids).logits[0, len(prompt_ids) - 1 : -1].float().log_softmax(-1)
+    chosen = lp[torch.arange(len(tokens)), torch.tensor(tokens)]
+    gap = lp.max(-1).values - chosen
+    assert float(gap.max()) <= atol, f"token {int(gap.argmax())} is {float(gap.max()):.2e} below the argmax"
+    if logprobs is not None:
+        assert torch.allclose(torch.tensor(logprobs, dtype=torch.float32), chosen, atol=1e-3)
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    out = []
-    for p in prompts:
-        ids = torch.tensor([tok.encode(p)])
-        gen = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-        out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
-    return out
 
-
-async def greedy_vllm(model_dir, prompts, max_tokens):
-    from transformers import AutoTokenizer
-
+async def greedy_vllm(model_dir, prompt_ids, max_tokens, eos):
     from espo_async.engines.vllm_engine import VLLMEngine
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    engine = await VLLMEngine.create(model_dir, max_num_seqs=4, max_model_len=128, kv_cache_gib=1.0)
+    engine = await VLLMEngine.create(model_dir, max_num_seqs=4, max_model_len=128, kv_cache_gib=1.0, dtype="float32")
     try:
-        texts = []
-        for i, p in enumerate(prompts):
-            ids = []
-            async for chunk in engine.generate(f"final-{i}", tok.encode(p), max_tokens=max_tokens, temperature=0.0,
-                                               stop_token_ids=[tok.eos_token_id]):
-                ids.extend(chunk.token_ids.tolist())
-            texts.append(tok.decode(ids, skip_special_tokens=True))
-        return texts
+        out = []
+        for i, ids in enumerate(prompt_ids):
+            toks, lps = [], []
+            async for chunk in engine.generate(f"final-{i}", ids, max_tokens=max_tokens, temperature=0.0,
+                                               stop_token_ids=[eos]):
+                toks.extend(chunk.token_ids.tolist())
+                lps.extend(chunk.logprobs.tolist())
+            out.append((toks, lps))
+        return out
     finally:
         await engine.shutdown()
 
@@ -97,8 +97,28 @@ async def test_short_real_run_and_its_checkpoint(tmp_path):
     task = make_task(TASK["name"], **TASK["options"])
     problems = {p.id: p for p in task.eval_problems()}
     prompts = [task.format_prompt(problems[s["prompt_id"].split("/", 1)[1]]) for s in last]
-    engine_texts = [s["text"] for s in last]
+    engine_tokens = [s["token_ids"] for s in last]  # ids, not text: decoding drops special tokens
 
     final = str(tmp_path / "final")
-    assert greedy_hf(final, prompts, cfg.rollout.max_tokens) == engine_texts
-    assert await greedy_vllm(final, prompts, cfg.rollout.max_tokens) == engine_texts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)  # loads in transformers
+    prompt_ids = [tok.encode(p) for p in prompts]
+    # The samplers' last greedy round (vLLM after its last hot weight update) is greedy under
+    # the exported model: the engine served exactly the learner's final weights.
+    for ids, toks in zip(prompt_ids, engine_tokens):
+        assert_greedy_path(model, ids, toks)
+    # ...and not under the initial policy: the hot updates did change what the engine computes.
+    initial = AutoModelForCausalLM.from_pretrained(json.loads((tmp_path / "assets.json").read_text())["policy_dir"])
+    mismatches = 0
+    for ids, toks in zip(prompt_ids, engine_tokens):
+        try:
+            assert_greedy_path(initial, ids, toks)
+        except AssertionError:
+            mismatches += 1
+    assert mismatches > 0
+    # The checkpoint also loads in a fresh vLLM engine, which computes the same distribution.
+    for ids, (toks, lps) in zip(prompt_ids, await greedy_vllm(final, prompt_ids, cfg.rollout.max_tokens, tok.eos_token_id)):
+        assert toks, "vLLM generated nothing"
+        assert_greedy_path(model, ids, toks, lps)

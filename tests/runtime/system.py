@@ -31,9 +31,12 @@ FAKE = {
 
 
 def merge(base: dict, over: dict) -> dict:
+    """Deep merge; an actor spec with a different class replaces the old spec (options included)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old = out.get(k)
+        same_actor = not (isinstance(v, dict) and isinstance(old, dict) and "class" in v and v["class"] != old.get("class"))
+        out[k] = merge(old, v) if isinstance(v, dict) and isinstance(old, dict) and same_actor else v
     return out
 
 
