@@ -96,9 +96,13 @@ class Coordinator(Actor):
         return ids
 
     def may_start_group(self) -> bool:
-        """The staleness bound, and no group beyond the last training step."""
+        """The staleness bound, and no group beyond the last training step. Synchronous mode:
+        the groups of batch i start only once the learner has finished step i (version i)."""
+        p = self.cfg.rollout.prompts_per_batch
+        if self.cfg.rollout.synchronous:
+            return self.groups_started < min(self.learner_version + 1, self.cfg.run.total_steps) * p
         ahead = min(self.cfg.rollout.staleness + 1, self.cfg.run.total_steps - self.learner_version)
-        return self.groups_started < self.groups_consumed + ahead * self.cfg.rollout.prompts_per_batch
+        return self.groups_started < self.groups_consumed + ahead * p
 
     def _start_group(self) -> None:
         problem = self._next_problem()

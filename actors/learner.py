@@ -341,7 +341,8 @@ class Learner(Actor):
         t0 = time.time()
         with_lock = self._locked(self.trainer.train_step)
         train_metrics = await asyncio.to_thread(with_lock, samples, step=step, learner_version=self.version)
-        train_seconds = time.time() - t0
+        step_end_time = time.time()
+        train_seconds = step_end_time - t0
         self.step = step
         self.version += 1
         self.groups_consumed += self.cfg.rollout.prompts_per_batch
@@ -350,6 +351,7 @@ class Learner(Actor):
         metrics = self._batch_metrics(batch, rewards)
         metrics.update(train_metrics)
         metrics["train_seconds"] = train_seconds
+        metrics["step_end_time"] = step_end_time  # weight-sync latency is measured from here
         self._broadcast_boundary(batch, metrics)
         self.metrics.write(step, metrics)
         self.last_metrics = metrics

@@ -188,7 +188,13 @@ class Stopper(Actor):
         v = st.values.get(t - t % st.interval)
         threshold = float(snap.beta) * max(v if v is not None else 0.0, float(snap.eps))
         cancel = P.Cancel(
-            request_id=request_id, sampler_id=st.sampler_id, stop_index=t, reason=snap.kind, z=z, threshold=threshold
+            request_id=request_id,
+            sampler_id=st.sampler_id,
+            stop_index=t,
+            reason=snap.kind,
+            z=z,
+            threshold=threshold,
+            decided_at=time.time(),
         )
         if self.transport.send_to(self.cancels, st.sampler_id, cancel):
             self.counters["cancels_sent"] += 1

@@ -147,6 +147,11 @@ class RolloutConfig(_Section):
     staleness: int = Field(
         1, ge=0, description="K: no rollout starts more than K policy versions ahead of the learner (0: on-policy)."
     )
+    synchronous: bool = Field(
+        False,
+        description="Generate-then-train: a batch's rollouts start only after the previous step finished "
+        "(no overlap of generation and training; the baseline of the async benchmark).",
+    )
 
 
 class ModelConfig(_Section):

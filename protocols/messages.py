@@ -173,6 +173,7 @@ class Cancel(Message):
     reason: str = "stop_rule"
     z: float = 0.0  # smoothed regret when the rule fired (diagnostics)
     threshold: float = 0.0  # beta * max(V, eps) at that point
+    decided_at: float = 0.0  # unix time of the decision (stop-latency measurements)
 
     def __post_init__(self) -> None:
         if self.stop_index < 0:

@@ -18,14 +18,16 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 
 stamp=.venv/.espo-setup
-want=$(cat requirements/cpu.lock pyproject.toml | sha256sum | cut -c1-16)
+want=$(cat requirements/cpu.lock pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 
 echo "[setup] creating .venv (first time: a few minutes)"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+# Build tools are pinned too (pip freeze leaves them out of the lock; Python's bundled
+# setuptools is too old for pyproject.toml's SPDX license field).
+.venv/bin/python -m pip install -q --upgrade "pip==26.3" "setuptools==78.1.1" "wheel"
 .venv/bin/python -m pip install -q --no-deps -r requirements/cpu.lock
 .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -88,8 +89,8 @@ class LiveRequest:
     stop_index: int = -1
     exact_versions: np.ndarray | None = None
     ended: bool = False  # the engine finished this request; later cancels are late
-    cancel_received_at: float = 0.0
     tokens_at_cancel: int = 0
+    cancel_record: dict | None = None  # timing of the cancel (written to logs/<name>.cancels.jsonl)
 
 
 ENDING_OF_FINISH_REASON = {"stop": "finished", "length": "truncated"}
@@ -187,8 +188,12 @@ class Sampler(Actor):
             if msg.version <= self.version:
                 return  # already have it (announcements repeat for late joiners)
             path = Path(msg.uri.removeprefix("file://"))
+            received = time.time()
             seconds = await self.engine.load_weights(path, msg.version)
             self.version = msg.version
+            with (self.run_dir / "logs" / f"{self.name}.weights.jsonl").open("a") as f:
+                f.write(json.dumps({"version": msg.version, "received_at": received, "loaded_at": time.time(),
+                                    "load_s": seconds}) + "\n")
             self.counters["weight_updates"] += 1
             self.counters["weight_update_s"] = seconds
             self.version_changed.set()
@@ -209,11 +214,19 @@ class Sampler(Actor):
             self.counters["cancel_out_of_range"] += 1
             self.log.warning("cancel of %s at %d but only %d tokens exist", msg.request_id, msg.stop_index, req.n)
             return
+        received = time.time()
         req.stop_index = msg.stop_index
-        req.cancel_received_at = time.perf_counter()
         req.tokens_at_cancel = req.n
         self.counters["cancels"] += 1
         await self.engine.abort(msg.request_id)
+        req.cancel_record = {
+            "request_id": msg.request_id,
+            "stop_index": msg.stop_index,
+            "decided_at": msg.decided_at,
+            "received_at": received,
+            "aborted_at": time.time(),
+            "tokens_at_receipt": req.n,
+        }
 
     async def _wait_for_version(self, version: int) -> None:
         while self.version < version:
@@ -268,6 +281,11 @@ class Sampler(Actor):
             self.recently_ended[work.request_id] = finish_reason
             while len(self.recently_ended) > 10_000:
                 self.recently_ended.popitem(last=False)
+
+    def _log_cancel(self, record: dict) -> None:
+        """One line per honoured cancel: decision, receipt and abort times and token counts."""
+        with (self.run_dir / "logs" / f"{self.name}.cancels.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def _stream(self, req: LiveRequest, chunk: EngineChunk, versions: np.ndarray, first: bool) -> None:
         if not self.streams or req.work.purpose != "train":
@@ -336,6 +354,8 @@ class Sampler(Actor):
         traj = self._trajectory(req, finish_reason)
         if req.stop_index >= 0:
             self.counters["absorbed"] += 1
+            if req.cancel_record is not None:
+                self._log_cancel({**req.cancel_record, "tokens_generated": req.n})
         if req.work.purpose == "train":
             end = P.encode(
                 P.StreamEnd(request_id=traj.request_id, sampler_id=self.name, ending=traj.ending, n_tokens=req.n)

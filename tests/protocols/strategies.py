@@ -120,7 +120,7 @@ STRATEGIES = {
     P.TokenChunk: token_chunk(),
     P.StreamEnd: st.builds(P.StreamEnd, request_id=ids, sampler_id=ids, ending=endings, n_tokens=nonneg),
     P.ValueChunk: value_chunk(),
-    P.Cancel: st.builds(P.Cancel, request_id=ids, sampler_id=ids, stop_index=nonneg, reason=st.text(max_size=10), z=floats, threshold=floats),
+    P.Cancel: st.builds(P.Cancel, request_id=ids, sampler_id=ids, stop_index=nonneg, reason=st.text(max_size=10), z=floats, threshold=floats, decided_at=floats),
     P.Trajectory: trajectory(),
     P.StopParams: stop_params,
     P.BatchBoundary: st.builds(
