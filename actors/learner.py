@@ -88,6 +88,7 @@ class Learner(Actor):
         self.ready_event = asyncio.Event()
         self.last_boundary: P.BatchBoundary | None = None
         self.evals: dict[int, EvalRound] = {}  # by round (= the learner step it evaluates)
+        self.shadow_scores: list[float] = []  # shadow continuations scored since the last step
         self.last_weights: dict[str, P.WeightsAnnounced] = {}
         self.trainer_lock = threading.Lock()
         self.weights_dir = self.run_dir / "weights"
@@ -182,6 +183,9 @@ class Learner(Actor):
         if traj.purpose == "eval":
             self._accept_eval(traj)
             return False
+        if traj.purpose == "shadow":
+            self._accept_shadow(traj)
+            return False
         if traj.purpose != "train":
             self.counters["unexpected_purpose"] += 1
             return False
@@ -201,6 +205,15 @@ class Learner(Actor):
             self.ready_event.set()
         self.counters["received"] += 1
         return True
+
+    def _accept_shadow(self, traj: P.Trajectory) -> None:
+        """A stopped rollout continued as if it had not been stopped: would it have been right?"""
+        score = self.reward(traj.prompt_id, traj.text)
+        self.shadow_scores.append(score)
+        self.counters["shadow_received"] += 1
+        with (self.run_dir / "shadow.jsonl").open("a") as f:
+            f.write(json.dumps({"step": self.step, "prompt_id": traj.prompt_id, "sample": traj.sample_index,
+                                "score": score, "tokens": len(traj.token_ids), "ending": traj.ending}) + "\n")
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -350,6 +363,10 @@ class Learner(Actor):
         self._announce()
         metrics = self._batch_metrics(batch, rewards)
         metrics.update(train_metrics)
+        if self.shadow_scores:  # false-positive stops: stopped rollouts that would have been correct
+            metrics["shadow_n"] = float(len(self.shadow_scores))
+            metrics["false_positive_rate"] = float(np.mean(self.shadow_scores))
+            self.shadow_scores.clear()
         metrics["train_seconds"] = train_seconds
         metrics["step_end_time"] = step_end_time  # weight-sync latency is measured from here
         self._broadcast_boundary(batch, metrics)

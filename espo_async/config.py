@@ -77,6 +77,13 @@ class StopConfig(_Section):
     value_ref: float = Field(
         2.0, gt=0, description="Value-only ablation: fire iff beta*max(V, eps) < value_ref (z_t replaced by this constant)."
     )
+    shadow_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Fraction of stopped rollouts continued from the stop point in a shadow request (never "
+        "trained on) to measure false-positive stops: how often a stopped rollout would have been correct.",
+    )
     warmup: WarmupConfig = WarmupConfig()
 
     @model_validator(mode="after")

@@ -84,11 +84,21 @@ class FakeEngine:
     def num_running(self) -> int:
         return len(self.running)
 
-    def _plan(self, prompt_id: str, max_tokens: int, rng: random.Random) -> tuple[list[int], list[float]]:
-        """Token ids and their regrets for one rollout."""
+    def _plan(self, prompt_id: str, max_tokens: int, rng: random.Random, prompt=None, shadow=False):
+        """Token ids and their regrets for one rollout. A shadow continuation (the prompt ends
+        with the kept tokens of a stopped rollout) finishes the gold solution if the kept tokens
+        are a prefix of it (the stop was a false positive), else goes on rambling."""
         o = self.opts
         problem = self.lookup.problem_of(prompt_id)
         gold = self.tokenizer.encode(self.task.solution(problem), add_special_tokens=False) if problem else []
+        if shadow and problem is not None and prompt is not None:
+            head = len(self.tokenizer.encode(self.task.format_prompt(problem), add_special_tokens=True))
+            kept = [int(t) for t in prompt[head:]]
+            if kept == gold[: len(kept)]:
+                rest = gold[len(kept) :] + [self.eos]
+                return rest[:max_tokens], [0.0] * min(len(rest), max_tokens)
+            n = max_tokens
+            return [int(self.vocab[rng.randrange(len(self.vocab))]) for _ in range(n)], [o.bad_regret] * n
         if problem is None or rng.random() < o.p_bad:
             lo, hi = o.fail_at
             cut = int(len(gold) * rng.uniform(lo, hi))
@@ -122,7 +132,9 @@ class FakeEngine:
             self.running.add(request_id)
             try:
                 rng = random.Random(seed)
-                tokens, regrets = self._plan(context.get("prompt_id", ""), max_tokens, rng)
+                tokens, regrets = self._plan(
+                    context.get("prompt_id", ""), max_tokens, rng, prompt_token_ids, bool(context.get("shadow"))
+                )
                 delay = o.chunk_tokens / o.tokens_per_s if o.tokens_per_s else 0.0
                 i = 0
                 while i < len(tokens):

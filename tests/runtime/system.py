@@ -26,7 +26,7 @@ FAKE = {
         },
         "critic": {"class": "actors.critics.fake:FakeCritic", "options": {"value": 0.1}},
     },
-    "transport": {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 60, "startup_timeout_s": 120},
+    "transport": {"heartbeat_interval_s": 0.25, "heartbeat_timeout_s": 120, "startup_timeout_s": 400},
 }
 
 
@@ -44,7 +44,7 @@ def fake_config(**sections) -> Config:
     return parse_config(merge(FAKE, sections))
 
 
-async def run_system(cfg: Config, run_dir: Path, timeout: float = 240.0) -> RunResult:
+async def run_system(cfg: Config, run_dir: Path, timeout: float = 600.0) -> RunResult:
     await asyncio.to_thread(prepare_assets, cfg, run_dir, log=lambda *_: None)
     sup = Supervisor(cfg, run_dir, progress=False)
     return await asyncio.wait_for(sup.run(), timeout)

@@ -4,6 +4,7 @@ the real DeepSpeed learner on the tiny model."""
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 async def test_espo_run_completes_with_exactly_one_trajectory_per_sample(tmp_path, tiny_model_dir):
-    cfg = fake_config()
+    cfg = fake_config(stop={"shadow_fraction": 1.0})
     result = await run_system(cfg, tmp_path)
     assert result.exit_code == 0, result.reason
     rows = read_metrics(tmp_path)
@@ -64,6 +65,11 @@ async def test_espo_run_completes_with_exactly_one_trajectory_per_sample(tmp_pat
             assert t.versions[0] >= t.issued_at_version
         k, p = cfg.rollout.staleness, cfg.rollout.prompts_per_batch
         assert group_of(t.prompt_id) < (t.issued_at_version + k + 1) * p
+    # Every stopped rollout was continued in a shadow request, scored, and never trained on.
+    shadows = [json.loads(line) for line in (tmp_path / "shadow.jsonl").read_text().splitlines()]
+    assert 0 < len(shadows) <= endings["absorbed"]
+    assert all(t.purpose == "train" for t in trajs)
+    assert any("false_positive_rate" in r for r in rows)
     # Backpressure: the learner never holds more than K + 1 batches of groups.
     k, p = cfg.rollout.staleness, cfg.rollout.prompts_per_batch
     assert 0 < result.actors["learner"].counters["max_buffered_groups"] <= (k + 1) * p
