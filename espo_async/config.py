@@ -227,6 +227,53 @@ class ActorsConfig(_Section):
         return self
 
 
+LOOPBACK_HOSTS = ("localhost", "::1")
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost never leave the machine."""
+    import ipaddress
+
+    host = host.strip("[]")
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+CURVE_KEY_FILES = ("server.key", "server.key_secret", "client.key", "client.key_secret")
+
+
+class CurveConfig(_Section):
+    """ZeroMQ CURVE: every socket authenticates its peer and encrypts every frame."""
+
+    enabled: bool = Field(False, description="Use CURVE on every socket (required for a non-loopback transport.host).")
+    keys_dir: str | None = Field(
+        None,
+        description="Folder made by 'python -m espo_async.runtime.keys gen DIR': server.key(_secret), "
+        "client.key(_secret) and authorized/ (client public keys allowed to connect).",
+    )
+
+    @model_validator(mode="after")
+    def _keys(self) -> CurveConfig:
+        if not self.enabled:
+            return self
+        if not self.keys_dir:
+            raise ValueError("curve.enabled needs curve.keys_dir (make one with: python -m espo_async.runtime.keys gen DIR)")
+        folder = Path(self.keys_dir)
+        missing = [f for f in CURVE_KEY_FILES if not (folder / f).is_file()]
+        if not (folder / "authorized").is_dir():
+            missing.append("authorized/")
+        if missing:
+            raise ValueError(
+                f"curve.keys_dir {str(folder)!r} lacks {', '.join(missing)} "
+                "(make the keys with: python -m espo_async.runtime.keys gen DIR)"
+            )
+        return self
+
+
 class TransportConfig(_Section):
     kind: Literal["ipc", "tcp"] = Field("ipc", description="ipc:// sockets in the run directory, or tcp:// ports.")
     host: str = Field("127.0.0.1", description="tcp: the host actors bind and connect to.")
@@ -240,6 +287,30 @@ class TransportConfig(_Section):
     stream_ttl_s: float = Field(
         600.0, gt=0, description="Stopper/critic forget a stream idle this long (its end message was lost)."
     )
+    restart_actors: bool = Field(
+        True, description="Restart an actor that died or hung once the run started (False: such a loss ends the run)."
+    )
+    max_restarts: int = Field(
+        5, ge=0, description="Restarts allowed per actor within restart_window_s; one more loss ends the run."
+    )
+    restart_window_s: float = Field(3600.0, gt=0, description="The window over which max_restarts counts.")
+    restart_backoff_s: float = Field(
+        1.0, ge=0, description="Delay before a restart; doubles with each restart in the window (at most 60 s)."
+    )
+    curve: CurveConfig = CurveConfig()
+    allow_insecure: bool = Field(
+        False, description="Allow a non-loopback tcp host without CURVE (anyone on the network could inject frames)."
+    )
+
+    @model_validator(mode="after")
+    def _secure(self) -> TransportConfig:
+        if self.kind == "tcp" and not is_loopback_host(self.host) and not self.curve.enabled and not self.allow_insecure:
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address and curve.enabled is false: set "
+                "transport.curve.enabled: true with transport.curve.keys_dir (python -m espo_async.runtime.keys gen DIR), "
+                "use a loopback host (127.0.0.1, ::1, localhost), or set transport.allow_insecure: true"
+            )
+        return self
 
 
 class RunConfig(_Section):
@@ -338,6 +409,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     for item in overrides or []:
         apply_override(data, item)
     return parse_config(data, source=str(path))
+
+
+def merge_config(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``over`` into a copy of ``base`` (raw YAML mappings). An actor spec whose
+    ``class`` changes is replaced as a whole: the old class's options do not carry over."""
+    import copy
+
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        old = out.get(key)
+        both = isinstance(value, dict) and isinstance(old, dict)
+        new_actor = both and "class" in value and value["class"] != old.get("class")
+        out[key] = merge_config(old, value) if both and not new_actor else copy.deepcopy(value)
+    return out
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

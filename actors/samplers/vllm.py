@@ -18,6 +18,8 @@ gpu_memory_utilization 0.85     CUDA only
 enforce_eager         null      null: eager on CPU, CUDA graphs on GPU
 seeded                false     pass a per-request seed (reproducible sampling, slower in vLLM)
 stop_on_eos           true      stop at the tokenizer's EOS token
+ignore_eos            false     never stop at EOS: every rollout runs to max_tokens (fixed-length
+                                benchmarks and tests)
 engine_args           {}        extra vLLM engine arguments, passed through unchanged
 ====================  ========  ==================================================================
 """
@@ -44,6 +46,7 @@ class VLLMOptions(BaseModel):
     enforce_eager: bool | None = None
     seeded: bool = False
     stop_on_eos: bool = True
+    ignore_eos: bool = False
     engine_args: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -120,7 +123,8 @@ class VLLMGeneration:
             temperature=temperature,
             top_p=top_p,
             seed=seed if self.opts.seeded else None,
-            stop_token_ids=self.eos or None,
+            stop_token_ids=None if self.opts.ignore_eos else (self.eos or None),
+            ignore_eos=self.opts.ignore_eos,
         ):
             n += len(chunk)
             exact = None

@@ -103,6 +103,21 @@ def init_distributed() -> None:
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
+    _skip_shm_comm_op()
+
+
+def _skip_shm_comm_op() -> None:
+    """One process needs no shared-memory collectives: keep DeepSpeed's CPU backend from
+    JIT-compiling its ``deepspeed_shm_comm`` C++ op (minutes on a fresh 2-core machine). Its
+    backend treats an op marked incompatible as absent (``build_shm_op`` returns None)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        return
+    try:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (ImportError, AttributeError):
+        pass
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

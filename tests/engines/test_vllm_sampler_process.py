@@ -29,7 +29,8 @@ async def sampler(tmp_path_factory, tiny_model_dir):
             "actors": {
                 "sampler": {
                     "class": "actors.samplers.vllm:VLLMSampler",
-                    "options": {"max_num_seqs": 2, "kv_cache_gib": 1.0, "max_model_len": 256, "seeded": True},
+                    # ignore_eos: every rollout runs to max_tokens, so a cancel always lands in flight
+                    "options": {"max_num_seqs": 2, "kv_cache_gib": 1.0, "max_model_len": 256, "ignore_eos": True},
                 }
             },
             "transport": {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 120},
@@ -87,25 +88,15 @@ async def test_tokens_and_logprobs_stream_and_match_the_trajectory(sampler, toke
     lp = np.concatenate([c.logprobs for c in chunks])
     top1 = np.concatenate([c.top1_logprobs for c in chunks])
     assert np.all(np.isfinite(lp)) and np.all(top1 >= lp - 1e-4)  # the regret g_t >= 0
-    assert traj.ending in ("finished", "truncated") and traj.text == tokenizer.decode(traj.token_ids, skip_special_tokens=True)
+    assert traj.ending == "truncated" and len(traj.token_ids) == w.max_tokens  # ignore_eos
+    assert traj.text == tokenizer.decode(traj.token_ids, skip_special_tokens=True)
     assert (traj.versions == 0).all()
     await drain_work(h)
 
 
 async def test_cancel_aborts_the_engine_request_and_frees_the_slot(sampler, tokenizer):
     h = sampler
-    # Seeded sampling: a request id always yields the same tokens. Find one whose rollout runs
-    # 60 tokens without EOS, then replay it and cancel early: it cannot end before the cancel.
-    for k in range(100):
-        rid = f"cancel-{k}#0"
-        await h.send_to("work", h.ident, work(tokenizer, 1, max_tokens=60, rid=rid))
-        probe = await h.recv("results", timeout=60)
-        await drain_work(h)
-        await h.recv_until("stopper_stream", lambda m: isinstance(m, P.StreamEnd) and m.request_id == rid)
-        if probe.ending == "truncated":
-            break
-    else:
-        pytest.fail("no 60-token rollout without EOS in 100 seeded tries")
+    rid = "cancel#0"
     await h.send_to("work", h.ident, work(tokenizer, 1, max_tokens=200, rid=rid))
     seen = 0
     while seen < 4:
@@ -115,8 +106,7 @@ async def test_cancel_aborts_the_engine_request_and_frees_the_slot(sampler, toke
     await h.send_to("stopper_cancel", b"sampler-0", P.Cancel(request_id=rid, sampler_id="sampler-0", stop_index=2))
     traj = await h.recv("results", timeout=30)
     assert traj.ending == "absorbed" and len(traj.token_ids) == 3 and traj.finish_reason == "abort"
-    assert traj.token_ids.tolist() == probe.token_ids[:3].tolist()  # the same (seeded) rollout
-    assert traj.tokens_generated < 60  # aborted in flight, long before its natural end
+    assert traj.tokens_generated < 200  # aborted in flight: without the cancel it would run to 200
     (_, done), _ = await h.recv_until("work", lambda m: isinstance(m, P.WorkDone), routed=True, timeout=30)
     (_, again), _ = await h.recv_until("work", lambda m: isinstance(m, P.WorkRequest), routed=True, timeout=30)
     assert again.free_slots == 1
@@ -132,8 +122,8 @@ async def test_weight_update_changes_greedy_output_to_the_learners_model(sampler
     w = work(tokenizer, 2, temperature=0.0, max_tokens=24, version=1, rid="update#0")
     prompt = torch.tensor([w.prompt_token_ids.tolist()])
 
-    def greedy():
-        out = model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+    def greedy():  # like the sampler here: no stop at EOS (ignore_eos), exactly 24 tokens
+        out = model.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=None,
                              pad_token_id=tokenizer.pad_token_id)
         return out[0, prompt.shape[1]:].tolist()
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from espo_async.assets import prepare_assets
-from espo_async.config import Config, parse_config
+from espo_async.config import Config, merge_config, parse_config
 from espo_async.runtime.supervisor import RunResult, Supervisor
 from espo_async.runtime.trajectory_log import replay
 
@@ -30,18 +30,8 @@ FAKE = {
 }
 
 
-def merge(base: dict, over: dict) -> dict:
-    """Deep merge; an actor spec with a different class replaces the old spec (options included)."""
-    out = dict(base)
-    for k, v in over.items():
-        old = out.get(k)
-        same_actor = not (isinstance(v, dict) and isinstance(old, dict) and "class" in v and v["class"] != old.get("class"))
-        out[k] = merge(old, v) if isinstance(v, dict) and isinstance(old, dict) and same_actor else v
-    return out
-
-
 def fake_config(**sections) -> Config:
-    return parse_config(merge(FAKE, sections))
+    return parse_config(merge_config(FAKE, sections))
 
 
 async def run_system(cfg: Config, run_dir: Path, timeout: float = 600.0) -> RunResult:
