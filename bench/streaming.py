@@ -1,0 +1,260 @@
+"""Streaming overhead: generation throughput of the whole pipeline against offline vLLM.
+
+    python bench/streaming.py            # full: 10 learner steps (640 rollouts) per pipeline run
+    python bench/streaming.py --quick    # 2 steps (128 rollouts)
+
+Side by side in one invocation (order: pipeline, offline [, pipeline, offline ...], offline; the
+first pipeline run fixes the prompts every offline run uses):
+
+* **pipeline**: the real system of configs/default.yaml (vLLM sampler pinned to core 0; HF
+  critic, stopper, coordinator and DeepSpeed learner on core 1) with ``stop.policy none``, no
+  evaluation rounds, and ``rollout.staleness`` = the number of steps, so the coordinator issues
+  every batch at once and generation never waits for the learner (the learner still trains,
+  publishes weights after every step and the sampler hot-loads them while it generates).
+  Throughput = sum of ``tokens_generated`` of every trajectory the learner received, divided by
+  the generation window [first request started, last trajectory ended] (both from the learner's
+  trajectory log). Start-up (engine build, model load) lies before the window; the learner's
+  training overlaps it and costs the window nothing unless it competes for the sampler's core.
+* **offline**: the same engine (``VLLMGeneration.start``: same model, engine arguments, KV size,
+  max_model_len, seed, thread binding) in a process pinned to the sampler's cores, given the
+  pipeline's exact prompts (same count, order) at once, with the same sampling parameters
+  (temperature, top_p, max_tokens, EOS stop, logprobs=1, DELTA streaming), read by a consumer
+  that only counts tokens. Throughput = tokens / (first submit .. last finish).
+* ``--llm``: also vLLM's offline ``LLM.generate`` (the synchronous batch API) with the same
+  engine arguments and prompts.
+
+ratio = pipeline tokens/s / median offline tokens/s (target >= 0.90).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+
+NAME = "streaming"
+
+
+# ------------------------------------------------------------------------------------ offline
+def engine_spec(cfg, run_dir: Path) -> dict:
+    """What VLLMSampler.make_engine would build for sampler 0 of this run."""
+    from actors.samplers.vllm import VLLMOptions, VLLMSampler
+    from espo_async.assets import load_assets
+
+    assets = load_assets(run_dir)
+    opts = VLLMOptions(**cfg.actors.sampler.options)
+    fake = SimpleNamespace(assets=assets, cfg=cfg)
+    max_len = opts.max_model_len or cfg.rollout.max_tokens + VLLMSampler.max_prompt_tokens(fake)
+    return {"model_dir": assets.policy_dir, "options": opts.model_dump(), "max_model_len": max_len,
+            "dtype": cfg.model.dtype, "seed": cfg.run.seed, "cpus": cfg.actors.sampler.cpus,
+            "threads": cfg.actors.sampler.threads}
+
+
+def run_offline(spec: dict, prompts: list[list[int]], params: dict, mode: str) -> dict:
+    """Run the offline worker in its own process with the sampler's pinning and environment."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(spec["threads"]),
+               MKL_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
+    cpus = spec["cpus"]
+    job = Path(C.run_dir_for(f"offline-{mode}", keep=False))
+    (job / "spec.json").write_text(json.dumps({"spec": spec, "prompts": prompts, "params": params, "mode": mode}))
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--offline-worker", str(job / "spec.json")],
+        env=env, cwd=C.REPO, capture_output=True, text=True, timeout=1800,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+    )
+    out = job / "spec.json.out"
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"offline worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    res = json.loads(out.read_text())
+    C.remove_run(job, keep=False)
+    return res
+
+
+async def _offline_async(spec: dict, prompts, params) -> dict:
+    from actors.samplers.vllm import VLLMGeneration, VLLMOptions
+
+    gen = VLLMGeneration(spec["model_dir"], VLLMOptions(**spec["options"]), max_model_len=spec["max_model_len"],
+                         dtype=spec["dtype"], seed=spec["seed"])
+    await gen.start()  # same engine construction as the sampler (thread binding included)
+    eng = gen.engine
+    try:
+        counts = [0] * len(prompts)
+        ends = [0.0] * len(prompts)
+
+        async def one(i: int, ids: list[int]) -> None:
+            async for chunk in eng.generate(f"off-{i}", ids, max_tokens=params["max_tokens"],
+                                            temperature=params["temperature"], top_p=params["top_p"],
+                                            stop_token_ids=gen.eos or None):
+                counts[i] += len(chunk)
+            ends[i] = time.time()
+
+        t0 = time.time()
+        await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        t1 = time.time()
+    finally:
+        await gen.shutdown()
+    return {"t0": t0, "t1": t1, "tokens": int(sum(counts)), "per_request_tokens": counts,
+            "per_request_end_s": [e - t0 for e in ends]}
+
+
+def _offline_llm(spec: dict, prompts, params) -> dict:
+    """vLLM's synchronous offline API with the same engine arguments."""
+    import vllm
+    from vllm.inputs import TokensPrompt
+
+    o = spec["options"]
+    mine = sorted(os.sched_getaffinity(0))
+    if len(mine) < (os.cpu_count() or len(mine)):
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, mine)))
+    kv = o.get("kv_cache_gib") or 1.0
+    if float(kv).is_integer():
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv))
+    llm = vllm.LLM(model=spec["model_dir"], dtype=spec["dtype"], seed=spec["seed"], max_num_seqs=o["max_num_seqs"],
+                   max_model_len=spec["max_model_len"], enforce_eager=True, logprobs_mode="raw_logprobs",
+                   disable_log_stats=True, kv_cache_memory_bytes=int(kv * (1 << 30)), **o.get("engine_args", {}))
+    tok = llm.get_tokenizer()
+    eos = [int(tok.eos_token_id)] if o.get("stop_on_eos", True) and tok.eos_token_id is not None else None
+    sp = vllm.SamplingParams(max_tokens=params["max_tokens"], temperature=params["temperature"], top_p=params["top_p"],
+                             stop_token_ids=eos, logprobs=1, flat_logprobs=True)
+    t0 = time.time()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+    t1 = time.time()
+    counts = [len(o.outputs[0].token_ids) for o in outs]
+    return {"t0": t0, "t1": t1, "tokens": int(sum(counts)), "per_request_tokens": counts}
+
+
+def offline_worker(path: Path) -> None:
+    job = json.loads(Path(path).read_text())
+    if job["mode"] == "llm":
+        res = _offline_llm(job["spec"], job["prompts"], job["params"])
+    else:
+        res = asyncio.run(_offline_async(job["spec"], job["prompts"], job["params"]))
+    res["affinity"] = sorted(os.sched_getaffinity(0))
+    Path(str(path) + ".out").write_text(json.dumps(res))
+
+
+# ------------------------------------------------------------------------------------ pipeline
+def pipeline_overrides(steps: int, staleness: int | None) -> list[str]:
+    return [f"run.total_steps={steps}", "run.checkpoint_every=0", "task.eval_problems=0", "task.eval_every=0",
+            "stop.policy=none", f"rollout.staleness={steps if staleness is None else staleness}"]
+
+
+async def run_pipeline(args, steps: int, staleness: int | None) -> tuple[dict, list[list[int]], dict, object, Path]:
+    cfg = C.bench_config(pipeline_overrides(steps, staleness) + args.set)
+    run_dir = C.run_dir_for("pipeline", args.keep)
+    run = await C.run_system(cfg, run_dir)
+    trajs = sorted(C.trajectories(run_dir), key=lambda t: t.started_at)
+    t0 = min(t.started_at for t in trajs)
+    t1 = max(t.ended_at for t in trajs)
+    tokens = int(sum(t.tokens_generated for t in trajs))
+    weights = C.sampler_logs(run_dir, "weights")
+    loads = [w for ws in weights.values() for w in ws if t0 <= w["received_at"] <= t1]
+    mets = C.metrics(run_dir)
+    cnt = C.counters(run["result"])
+    res = {
+        "staleness": cfg.rollout.staleness,
+        "steps": steps,
+        "rollouts": len(trajs),
+        "tokens": tokens,
+        "window_s": t1 - t0,
+        "tokens_per_s": tokens / (t1 - t0),
+        "run_wall_s": run["wall_s"],
+        "startup_s": t0 - run["t_start"],
+        "weight_loads_in_window": len(loads),
+        "weight_load_s_in_window": float(sum(w["load_s"] for w in loads)),
+        "learner_train_s": float(sum(m.get("train_seconds", 0.0) for m in mets)),
+        "stream_dropped": {n: c.get("wire.stream_dropped", 0.0) for n, c in cnt.items() if n.startswith("sampler")},
+        "counters": cnt,
+        "per_rollout": [[round(t.started_at - t0, 4), round(t.ended_at - t0, 4), int(t.tokens_generated)]
+                        for t in trajs],
+    }
+    prompts = [[int(x) for x in t.prompt_token_ids] for t in trajs]
+    params = {"max_tokens": cfg.rollout.max_tokens, "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p}
+    return res, prompts, params, cfg, run_dir
+
+
+async def main_async(args) -> dict:
+    steps = args.steps or (2 if args.quick else 10)
+    runs: list[dict] = []
+    prompts = params = spec = None
+    # The pipeline goes first once to fix the prompts; every offline run uses exactly those.
+    order = []
+    for r in range(args.repeats):
+        order += ["pipeline"] + (["offline"] if r == 0 else []) + (["llm"] if args.llm and r == 0 else [])
+        if args.staleness_one:
+            order.append("pipeline-staleness1")
+    order.append("offline")
+    for kind in order:
+        print(f"[{NAME}] {kind} ... (load {C.loadavg()})", file=sys.stderr, flush=True)
+        if kind.startswith("pipeline"):
+            res, p, prm, cfg, run_dir = await run_pipeline(args, steps, 1 if kind.endswith("1") else None)
+            if prompts is None:
+                prompts, params = p, prm
+                spec = engine_spec(cfg, run_dir)
+            C.remove_run(run_dir, args.keep)
+            res["kind"] = kind
+        else:
+            mode = "llm" if kind == "llm" else "async"
+            off = await asyncio.to_thread(run_offline, spec, prompts, params, mode)
+            res = {"kind": "offline-llm" if mode == "llm" else "offline", "rollouts": len(prompts),
+                   "tokens": off["tokens"], "window_s": off["t1"] - off["t0"],
+                   "tokens_per_s": off["tokens"] / (off["t1"] - off["t0"]), "affinity": off["affinity"],
+                   "per_request_tokens": off["per_request_tokens"]}
+        res["loadavg"] = C.loadavg()
+        runs.append(res)
+        print(f"[{NAME}] {kind}: {res['tokens_per_s']:.0f} tokens/s over {res['window_s']:.1f}s", file=sys.stderr)
+    import numpy as np
+
+    base = float(np.median([r["tokens_per_s"] for r in runs if r["kind"] == "offline"]))
+    for r in runs:
+        r["ratio_vs_offline"] = r["tokens_per_s"] / base
+    pipe = [r for r in runs if r["kind"] == "pipeline"]
+    summary = {
+        "offline_tokens_per_s_median": base,
+        "pipeline_tokens_per_s_median": float(np.median([r["tokens_per_s"] for r in pipe])),
+        "ratio": float(np.median([r["ratio_vs_offline"] for r in pipe])),
+        "target": 0.90,
+        "engine_spec": spec,
+        "sampling": params,
+    }
+    return {"summary": summary, "runs": runs}
+
+
+def main(argv=None) -> int:
+    ap = C.parser(__doc__)
+    ap.add_argument("--steps", type=int, default=None, help="learner steps per pipeline run (default 10, quick 2)")
+    ap.add_argument("--repeats", type=int, default=1, help="pipeline runs (offline runs interleave)")
+    ap.add_argument("--llm", action="store_true", help="also measure vllm.LLM.generate (offline batch API)")
+    ap.add_argument("--staleness-one", action="store_true",
+                    help="also a pipeline run with the default staleness 1 (generation gated by the learner)")
+    ap.add_argument("--offline-worker", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.offline_worker:
+        offline_worker(args.offline_worker)
+        return 0
+    meta = C.begin(args)
+    res = asyncio.run(main_async(args))
+    cols = [("kind", "run", ""), ("rollouts", "rollouts", "d"), ("tokens", "tokens", "d"), ("window_s", "window s", ".2f"),
+            ("tokens_per_s", "tokens/s", ".0f"), ("ratio_vs_offline", "vs offline", ".3f"),
+            ("weight_loads_in_window", "weight loads", "d"), ("weight_load_s_in_window", "load s", ".2f"),
+            ("loadavg", "load", "")]
+    C.print_table(res["runs"], cols)
+    s = res["summary"]
+    print(f"streaming overhead: pipeline {s['pipeline_tokens_per_s_median']:.0f} tokens/s / offline "
+          f"{s['offline_tokens_per_s_median']:.0f} tokens/s = {s['ratio']:.3f} (target >= {s['target']})")
+    C.finish(NAME, args, res, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

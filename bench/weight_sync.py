@@ -1,0 +1,107 @@
+"""Weight sync: from the end of a learner step to every sampler serving the new version, for
+SmolLM2-135M on CPU.
+
+    python bench/weight_sync.py            # full: 4 steps, 2 vLLM samplers
+    python bench/weight_sync.py --quick    # 2 steps, 2 samplers
+
+The real system of configs/default.yaml with ``model.policy smollm2-135m`` (converted once into
+the cache, fp32, 538 MB), the critic a copy of the policy with a value head, a small batch (1
+prompt x 2 samples, 16 tokens: a 135M learner step at batch 64 takes minutes on 2 cores), no
+stopping, no evaluation, and ``--samplers`` vLLM samplers (default 2), all pinned to core 0 like
+the default run's sampler (learner, critic, stopper, coordinator on core 1).
+
+Per version v >= 1 (one per learner step):
+
+* sync latency = max over samplers of ``loaded_at`` (RUN_DIR/logs/<sampler>.weights.jsonl: after
+  the engine's hot reload returned and the sampler switched to v) - ``step_end_time`` of step v
+  (metrics.jsonl: the optimizer step finished);
+* split into learner publish + delivery (step end -> the sampler started loading: writing the
+  safetensors file(s), announcing, the broadcast) and the engine load (``load_s``: pause, read,
+  load into vLLM, resume).
+
+Target: <= 1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+
+NAME = "weight_sync"
+
+
+def overrides(steps: int, samplers: int, max_tokens: int) -> list[str]:
+    return [f"run.total_steps={steps}", "run.checkpoint_every=0", "task.eval_problems=0", "task.eval_every=0",
+            "model.policy=smollm2-135m", "model.critic=policy", "model.sft_steps=0",
+            "rollout.prompts_per_batch=1", "rollout.samples_per_prompt=2", f"rollout.max_tokens={max_tokens}",
+            "stop.policy=none", f"actors.sampler.count={samplers}", "actors.sampler.options.max_num_seqs=4",
+            "transport.startup_timeout_s=900"]
+
+
+def analyse(run_dir: Path) -> list[dict]:
+    mets = {int(m["step"]): m for m in C.metrics(run_dir)}
+    logs = C.sampler_logs(run_dir, "weights")
+    rows = []
+    for step, m in sorted(mets.items()):
+        loads = {s: next((w for w in ws if int(w["version"]) == step), None) for s, ws in logs.items()}
+        if not loads or any(w is None for w in loads.values()):
+            continue  # a sampler never loaded this version (the run ended first)
+        end = m["step_end_time"]
+        last = max(loads.values(), key=lambda w: w["loaded_at"])
+        rows.append({
+            "version": step,
+            "sync_s": last["loaded_at"] - end,
+            "publish_and_deliver_s": min(w["received_at"] for w in loads.values()) - end,
+            "engine_load_s": float(np.mean([w["load_s"] for w in loads.values()])),
+            "train_s": m.get("train_seconds"),
+            "per_sampler": {s: {"received_after_s": w["received_at"] - end, "loaded_after_s": w["loaded_at"] - end,
+                                "load_s": w["load_s"]} for s, w in loads.items()},
+        })
+    return rows
+
+
+async def main_async(args) -> dict:
+    steps = args.steps or (2 if args.quick else 4)
+    cfg = C.bench_config(overrides(steps, args.samplers, args.max_tokens) + args.set)
+    run_dir = C.run_dir_for("weights", args.keep)
+    print(f"[{NAME}] run ... (load {C.loadavg()})", file=sys.stderr, flush=True)
+    run = await C.run_system(cfg, run_dir, timeout=3600)
+    rows = analyse(run_dir)
+    nbytes = sum(p.stat().st_size for p in (run_dir / "weights").glob("policy-v*.safetensors")) // max(
+        1, len(list((run_dir / "weights").glob("policy-v*.safetensors"))))
+    res = {"rows": rows, "samplers": args.samplers, "steps": steps, "policy_bytes": int(nbytes),
+           "run_wall_s": run["wall_s"], "loadavg": C.loadavg(), "counters": C.counters(run["result"]),
+           "summary": {"sync_s": C.stats([r["sync_s"] for r in rows]),
+                       "publish_and_deliver_s": C.stats([r["publish_and_deliver_s"] for r in rows]),
+                       "engine_load_s": C.stats([r["engine_load_s"] for r in rows]), "target_s": 1.0}}
+    C.remove_run(run_dir, args.keep)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = C.parser(__doc__)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--samplers", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    args = ap.parse_args(argv)
+    meta = C.begin(args)
+    res = asyncio.run(main_async(args))
+    C.print_table(res["rows"], [("version", "version", "d"), ("sync_s", "step end -> all serving s", ".3f"),
+                                ("publish_and_deliver_s", "publish+deliver s", ".3f"),
+                                ("engine_load_s", "engine load s", ".3f"), ("train_s", "train step s", ".1f")])
+    s = res["summary"]
+    print(f"weight sync ({res['policy_bytes'] / 1e6:.0f} MB policy, {res['samplers']} samplers): "
+          f"median {s['sync_s']['p50']:.3f}s, max {s['sync_s']['max']:.3f}s (target <= 1 s)")
+    C.finish(NAME, args, res, meta)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
