@@ -11,6 +11,7 @@ which is what vLLM's ``load_weights`` expects. For a model with tied input/outpu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -120,6 +121,38 @@ def save_weights_safetensors(
     data = state_dict_to_bytes(obj, dtype=dtype, metadata=metadata)
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
+
+
+def publish_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    metadata: dict[str, str] | None = None,
+    durable: bool = False,
+    digest: bool = False,
+) -> tuple[str, int]:
+    """Write a state dict as one safetensors file for readers that poll by name (weight sync):
+    straight to a temp file in the same folder (no in-memory copy of the whole blob), then an
+    atomic rename, so a reader never sees a partial file. ``durable`` fsyncs before the rename
+    (checkpoints; per-step weights are re-created from the checkpoint after a crash and skip
+    it); ``digest`` returns the file's sha256, else "". Returns (sha256 or "", nbytes)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(dict(tensors), tmp, metadata=metadata)
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return (sha256_file(path) if digest else ""), path.stat().st_size
 
 
 def load_safetensors(source: bytes | str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -147,13 +147,6 @@ def _atomic_dir(dest: Path) -> Iterator[Path]:
         raise
 
 
-def _atomic_save_file(data: bytes, path: Path) -> tuple[str, int]:
-    from espo_async.engines.weights import atomic_write_bytes, sha256_bytes
-
-    atomic_write_bytes(path, data)
-    return sha256_bytes(data), len(data)
-
-
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off for good (config probabilities and nn.Dropout modules), so that train mode
     (needed by HF gradient checkpointing) computes the same function as eval mode."""
@@ -545,29 +538,28 @@ class PPOTrainer:
         with self._full_params(lm):
             return {k: v.clone() for k, v in to_state_dict(lm).items()} if self.zero_stage == 3 else to_state_dict(lm)
 
-    def save_policy_weights(self, path: Path) -> tuple[str, int]:
+    def save_policy_weights(self, path: Path, *, digest: bool = True, durable: bool = True) -> tuple[str, int]:
         """The policy as one safetensors file with HF parameter names (tied ``lm_head.weight``
-        dropped), in the training dtype; atomic. Returns (sha256, nbytes)."""
-        from safetensors.torch import save
+        dropped), in the training dtype; atomic (see ``publish_safetensors``: the per-step weight
+        sync passes ``digest=False, durable=False``). Returns (sha256 or "", nbytes)."""
+        from espo_async.engines.weights import publish_safetensors
 
-        data = save(self._policy_state_dict(), metadata={"format": "pt", "step": str(self.global_step)})
-        return _atomic_save_file(data, Path(path))
+        return publish_safetensors(self._policy_state_dict(), path, durable=durable, digest=digest,
+                                   metadata={"format": "pt", "step": str(self.global_step)})
 
-    def save_critic_weights(self, path: Path) -> tuple[str, int]:
+    def save_critic_weights(self, path: Path, *, digest: bool = True, durable: bool = True) -> tuple[str, int]:
         """The value model (``backbone.*`` + ``head.*``, see value_model.py) as safetensors; atomic."""
         if self.critic is None:
             raise RuntimeError("this run has no critic (advantage 'grpo' and no critic actor)")
-        from safetensors.torch import save
-
-        from espo_async.engines.weights import to_state_dict
+        from espo_async.engines.weights import publish_safetensors, to_state_dict
 
         with self._full_params(self.critic):
             sd = to_state_dict(self.critic)
             if self.zero_stage == 3:
                 sd = {k: v.clone() for k, v in sd.items()}
-        data = save(sd, metadata={"format": VALUE_FORMAT, "step": str(self.global_step),
-                                  "hidden_size": str(self.critic.config.hidden_size)})
-        return _atomic_save_file(data, Path(path))
+            return publish_safetensors(sd, path, durable=durable, digest=digest, metadata={
+                "format": VALUE_FORMAT, "step": str(self.global_step),
+                "hidden_size": str(self.critic.config.hidden_size)})
 
     def export_hf(self, dir: Path) -> None:  # noqa: A002 - the brief's name
         """The current policy as a HF checkpoint directory (config, generation config, tokenizer,
