@@ -63,19 +63,28 @@ _ARRAY_ENCODER = msgspec.msgpack.Encoder()
 _ARRAY_HEADER = msgspec.msgpack.Decoder(tuple[str, list[int], bytes])
 
 
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
+
+
 def _ext_hook(code: int, data: memoryview) -> object:
     if code != ARRAY_EXT:
         raise ValueError(f"unknown msgpack extension type {code}")
     dtype_str, shape, buf = _ARRAY_HEADER.decode(data)
-    if dtype_str not in ALLOWED_DTYPES:
+    dtype = _DTYPES.get(dtype_str)
+    if dtype is None:
         raise ValueError(f"array dtype {dtype_str!r} not allowed (allowed: {sorted(ALLOWED_DTYPES)})")
-    if len(shape) > MAX_ARRAY_NDIM or any(d < 0 for d in shape):
-        raise ValueError(f"bad array shape {shape}")
-    dtype = np.dtype(dtype_str)
-    expected = math.prod(shape) * dtype.itemsize
+    if len(shape) == 1:  # the common case (every per-token array): no generator, no reshape
+        if shape[0] < 0:
+            raise ValueError(f"bad array shape {shape}")
+        expected = shape[0] * dtype.itemsize
+    else:
+        if len(shape) > MAX_ARRAY_NDIM or any(d < 0 for d in shape):
+            raise ValueError(f"bad array shape {shape}")
+        expected = math.prod(shape) * dtype.itemsize
     if expected != len(buf):
         raise ValueError(f"array of shape {shape} and dtype {dtype_str} needs {expected} bytes, got {len(buf)}")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    arr = np.frombuffer(buf, dtype=dtype)
+    return arr if len(shape) == 1 else arr.reshape(shape)
 
 
 def _dec_hook(typ: type, obj: object) -> object:
