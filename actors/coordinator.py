@@ -10,13 +10,22 @@
   more than K policy versions ahead of the learner. Each work item carries the learner version
   at issue time, and the sampler waits until its weights reach it.
 * A request that failed in its engine is issued again (same sample, next attempt).
+* Nothing is lost to a dead process (docs/reliability.md): a request stays *outstanding* until
+  the learner acknowledges its trajectory (``Received``), not merely until its sampler says it
+  sent it. When a sampler is lost (``ActorDown`` from the supervisor) everything it owned that the
+  learner has not acknowledged is issued again (next attempt); when the learner restarts (a new
+  ``epoch`` in its BatchBoundary) everything delivered but unacknowledged is issued again, and the
+  coordinator takes the learner's word for its version and consumed groups even if they went
+  back. The learner deduplicates by (prompt, sample), so a re-issue never trains twice.
+* A (re)started coordinator hands out no training work before it heard the learner, and then
+  continues the group numbering and the dataset order at the learner's consumed-group count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import msgspec
@@ -28,12 +37,17 @@ from actors.ids import eval_prompt_id, prompt_id, request_id
 from espo_async.assets import load_assets
 from espo_async.runtime.actor import Actor
 from espo_async.tasks.registry import make_task
+from protocols.messages import ActorDown, Received
+
+MAX_CREDITS = 4096  # per sampler: a peer cannot claim more slots than this
+MAX_DELIVERED = 100_000  # delivered-but-unacknowledged requests remembered (acks lost: bounded)
 
 
 @dataclass
 class Outstanding:
     work: P.PromptWork
     sampler: bytes
+    delivered: bool = False  # the sampler reported it sent the trajectory; not yet acknowledged
 
 
 class Coordinator(Actor):
@@ -63,6 +77,10 @@ class Coordinator(Actor):
         self.groups_consumed = 0
         self.groups_started = 0
         self.prompt_cache: dict[str, np.ndarray] = {}
+        self.learner_epoch: str | None = None  # None until the first BatchBoundary arrived
+        self.recently_acked: OrderedDict[str, None] = OrderedDict()
+        self.losses_seen: set[tuple[str, int]] = set()  # (actor, incarnation) of ActorDown handled
+        self.delivered = 0
 
     def heartbeat_counters(self) -> dict[str, float]:
         out = super().heartbeat_counters()
@@ -71,6 +89,7 @@ class Coordinator(Actor):
         out["outstanding"] = float(len(self.outstanding))
         out["learner_version"] = float(self.learner_version)
         out["epoch"] = float(self.epoch)
+        out["unacknowledged"] = float(self.delivered)
         return out
 
     async def main(self) -> None:
@@ -97,7 +116,10 @@ class Coordinator(Actor):
 
     def may_start_group(self) -> bool:
         """The staleness bound, and no group beyond the last training step. Synchronous mode:
-        the groups of batch i start only once the learner has finished step i (version i)."""
+        the groups of batch i start only once the learner has finished step i (version i).
+        Nothing starts before the learner said where it stands."""
+        if self.learner_epoch is None:
+            return False
         p = self.cfg.rollout.prompts_per_batch
         if self.cfg.rollout.synchronous:
             return self.groups_started < min(self.learner_version + 1, self.cfg.run.total_steps) * p
@@ -128,7 +150,8 @@ class Coordinator(Actor):
 
     # -- dispatch ----------------------------------------------------------------------------
 
-    async def _dispatch(self) -> None:
+    def _dispatch(self) -> None:
+        """Hand queued work to samplers with credit (synchronous: sends never block)."""
         while True:
             sampler = max(self.credits, key=self.credits.__getitem__, default=None)
             if sampler is None or self.credits[sampler] <= 0:
@@ -141,55 +164,177 @@ class Coordinator(Actor):
                         return
                     self._start_group()
                 work = self.queue.popleft()
-            if work.purpose == "train" and work.issued_at_version < self.learner_version and work.attempt == 0:
+            if work.purpose == "train" and work.issued_at_version != self.learner_version:
+                # The version at issue time, also for re-issues and after the learner went back.
                 work = _with_version(work, self.learner_version)
+            if not self.transport.send_to(self.work_sock, sampler, work):
+                # The sampler is gone (or not yet back): its credit is void, the work goes back.
+                self.credits.pop(sampler, None)
+                self._requeue(work)
+                self.counters["dispatch_unroutable"] += 1
+                continue
             self.credits[sampler] -= 1
             self.outstanding[work.request_id] = Outstanding(work, sampler)
-            await self.work_sock.send_multipart([sampler, P.encode(work)])
             self.counters["work_sent"] += 1
+
+    def _requeue(self, work: P.PromptWork) -> None:
+        (self.queue if work.purpose == "train" else self.priority).appendleft(work)
+
+    def _reissue(self, which, why: str) -> int:
+        """Issue again (next attempt, first in line) every outstanding request ``which`` selects."""
+        lost = [rid for rid, out in self.outstanding.items() if which(out)]
+        for rid in reversed(lost):
+            out = self.outstanding.pop(rid)
+            self.delivered -= out.delivered
+            self._requeue(_with_attempt(out.work, out.work.attempt + 1))
+        if lost:
+            self.counters["reissued_after_loss"] += len(lost)
+            self.log.warning("issuing %d request(s) again: %s", len(lost), why)
+        return len(lost)
 
     async def _work_loop(self) -> None:
         while True:
             ident, msg = await self.transport.recv_routed(self.work_sock, "samplers")
-            if isinstance(msg, P.WorkRequest):
-                self.credits[ident] = self.credits.get(ident, 0) + msg.free_slots
-            elif isinstance(msg, P.WorkDone):
-                self.on_done(msg)
-            elif msg is not None:
-                self.counters["unexpected_messages"] += 1
-            await self._dispatch()
+            with self.guard(type(msg).__name__):
+                if isinstance(msg, P.WorkRequest):
+                    credit = self.credits.get(ident, 0) + msg.free_slots
+                    if credit > MAX_CREDITS:
+                        self.counters["credits_capped"] += 1
+                        self.log.warning("%r claims %d free slots; capped at %d", ident[:64], credit, MAX_CREDITS)
+                        credit = MAX_CREDITS
+                    self.credits[ident] = credit
+                elif isinstance(msg, P.WorkDone):
+                    self.on_done(ident, msg)
+                elif msg is not None:
+                    self.counters["unexpected_messages"] += 1
+                self._dispatch()
 
-    def on_done(self, msg: P.WorkDone) -> None:
-        out = self.outstanding.pop(msg.request_id, None)
+    def on_done(self, ident: bytes, msg: P.WorkDone) -> None:
+        out = self.outstanding.get(msg.request_id)
         if out is None:
-            self.counters["done_unknown"] += 1
+            if msg.request_id in self.recently_acked:  # the learner's ack overtook the sampler's report
+                self.counters[f"done.{msg.ending}"] += 1
+            else:
+                self.counters["done_unknown"] += 1
+                self.log.info("work done for unknown request %r (ignored)", msg.request_id[:200])
+            return
+        if out.sampler != ident:  # issued again elsewhere meanwhile; the other attempt counts
+            self.counters["done_by_previous_owner"] += 1
             return
         if msg.ending is None:  # the engine failed it: issue it again
+            self.outstanding.pop(msg.request_id)
+            self.delivered -= out.delivered
             self.counters["reissued"] += 1
-            self.log.warning("re-issuing %s after engine error: %s", msg.request_id, msg.error)
-            again = _with_attempt(out.work, out.work.attempt + 1)
-            (self.queue if again.purpose == "train" else self.priority).appendleft(again)
-        else:
+            self.log.warning("re-issuing %s after engine error: %s", msg.request_id, msg.error[:500])
+            self._requeue(_with_attempt(out.work, out.work.attempt + 1))
+        elif not out.delivered:
+            out.delivered = True
+            self.delivered += 1
             self.counters[f"done.{msg.ending}"] += 1
+            if self.delivered > MAX_DELIVERED:
+                self._forget_oldest_delivered()
+        else:
+            self.counters["done_duplicate"] += 1  # the same report again: changes nothing
+
+    def _forget_oldest_delivered(self) -> None:
+        """Acknowledgements were lost (they should not be): keep the memory bounded."""
+        drop = [rid for rid, out in self.outstanding.items() if out.delivered][: MAX_DELIVERED // 10]
+        for rid in drop:
+            del self.outstanding[rid]
+        self.delivered -= len(drop)
+        self.counters["unacknowledged_forgotten"] += len(drop)
+        self.log.warning("forgot %d delivered requests the learner never acknowledged", len(drop))
+
+    def on_received(self, msg: Received) -> None:
+        """The learner holds these trajectories: the requests are finished for good."""
+        for rid in msg.request_ids:
+            out = self.outstanding.pop(rid, None)
+            if out is not None:
+                self.delivered -= out.delivered
+                self.counters["acknowledged"] += 1
+            self.recently_acked[rid] = None
+        while len(self.recently_acked) > 20_000:
+            self.recently_acked.popitem(last=False)
+
+    def on_boundary(self, msg: P.BatchBoundary) -> None:
+        total_groups = self.cfg.run.total_steps * self.cfg.rollout.prompts_per_batch
+        if not (0 <= msg.step <= self.cfg.run.total_steps and msg.policy_version >= 0
+                and 0 <= msg.groups_consumed <= total_groups):
+            self.counters["implausible_boundaries"] += 1
+            self.log.warning("ignored an implausible batch boundary: step %d, version %d, %d groups consumed",
+                             msg.step, msg.policy_version, msg.groups_consumed)
+            return
+        if self.learner_epoch is None:
+            self.learner_epoch = msg.epoch
+            self.learner_version = msg.policy_version
+            self.groups_consumed = msg.groups_consumed
+            self.log.info("learner at step %d, version %d, %d groups consumed", msg.step, msg.policy_version,
+                          msg.groups_consumed)
+        elif msg.epoch != self.learner_epoch:
+            # The learner restarted from its last checkpoint: take its word, even if it went back.
+            self.log.warning(
+                "the learner restarted: now at step %d, version %d, %d groups consumed (was version %d, %d groups)",
+                msg.step, msg.policy_version, msg.groups_consumed, self.learner_version, self.groups_consumed,
+            )
+            self.counters["learner_restarts"] += 1
+            self.learner_epoch = msg.epoch
+            self.learner_version = msg.policy_version
+            self.groups_consumed = msg.groups_consumed
+            # What the old learner may have lost in flight (it acknowledges what it wrote down).
+            self._reissue(lambda o: o.delivered and o.work.purpose == "train", "the learner restarted")
+            # Its evaluation rounds start over: the new learner asks again for what it needs.
+            self.eval_rounds.clear()
+            self.priority = deque(w for w in self.priority if w.purpose != "eval")
+        elif msg.policy_version >= self.learner_version:
+            self.learner_version = msg.policy_version
+            self.groups_consumed = max(self.groups_consumed, msg.groups_consumed)
+        if self.groups_started < self.groups_consumed:
+            self._fast_forward(self.groups_consumed)
+
+    def _fast_forward(self, groups: int) -> None:
+        """A (re)started coordinator continues where the learner is: same group numbers and dataset
+        order as if it had never stopped (groups the learner already has are not issued again)."""
+        self.log.info("continuing at group %d (the learner consumed %d groups)", groups, self.groups_consumed)
+        for _ in range(groups - self.groups_started):
+            self._next_problem()
+        self.groups_started = groups
+
+    async def on_control(self, msg: P.Message) -> None:
+        if isinstance(msg, ActorDown) and msg.role == "sampler":
+            key = (msg.actor, msg.incarnation)
+            if key in self.losses_seen:
+                return  # repeated while it is down
+            self.losses_seen.add(key)
+            ident = msg.actor.encode()
+            self.credits.pop(ident, None)
+            self.counters["samplers_lost"] += 1
+            self._reissue(lambda o: o.sampler == ident, f"{msg.actor} was lost ({msg.reason})")
+            self._dispatch()
 
     async def _broadcast_loop(self) -> None:
         while True:
             msg = await self.transport.recv(self.broadcast, "learner")
-            if isinstance(msg, P.BatchBoundary):
-                if msg.policy_version >= self.learner_version:
-                    self.learner_version = msg.policy_version
-                    self.groups_consumed = max(self.groups_consumed, msg.groups_consumed)
-                    await self._dispatch()
-            elif isinstance(msg, P.EvalRequest):
-                if msg.round not in self.eval_rounds:
-                    self.eval_rounds.add(msg.round)
-                    self._start_eval(msg)
-                    await self._dispatch()
-            elif isinstance(msg, P.Shutdown):
-                self.on_shutdown(msg)
+            with self.guard(type(msg).__name__):
+                if isinstance(msg, Received):
+                    self.on_received(msg)
+                elif isinstance(msg, P.BatchBoundary):
+                    self.on_boundary(msg)
+                    self._dispatch()
+                elif isinstance(msg, P.EvalRequest):
+                    if msg.round not in self.eval_rounds and len(self.eval_rounds) < 100_000:
+                        self.eval_rounds.add(msg.round)
+                        self._start_eval(msg)
+                        self._dispatch()
+                elif isinstance(msg, P.Shutdown):
+                    self.on_shutdown(msg)
 
     def _start_eval(self, req: P.EvalRequest) -> None:
         """Queue one evaluation round: the first n held-out problems, ``samples`` each."""
+        if not (1 <= req.samples <= 1024 and req.max_tokens >= 1 and 0 <= req.temperature < float("inf")):
+            self.counters["eval_requests_rejected"] += 1
+            self.log.warning("ignored an evaluation request with samples=%d, max_tokens=%d, temperature=%r",
+                             req.samples, req.max_tokens, req.temperature)
+            return
         problems = self.task.eval_problems()[: req.n_problems]
         for problem in problems:
             pid = eval_prompt_id(req.round, problem.id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import msgspec
@@ -25,6 +26,10 @@ from espo_async.core import StopSnapshot, make_stop_policy, surrogate_regret
 from espo_async.runtime.actor import Actor
 
 NEEDS_VALUES = {"espo", "value_only"}
+#: Streams whose values arrived before their first token, remembered at most (oldest forgotten).
+MAX_EARLY_STREAMS = 10_000
+#: Decided tokens after which a stream's decided regrets and values are dropped (amortised).
+TRIM_EVERY = 32
 
 
 def snapshot_from_params(params: P.StopParams) -> StopSnapshot:
@@ -33,6 +38,10 @@ def snapshot_from_params(params: P.StopParams) -> StopSnapshot:
 
 def params_from_snapshot(snap: StopSnapshot) -> P.StopParams:
     return P.StopParams(**snap.to_dict())
+
+
+def _finite_params(p: P.StopParams) -> bool:
+    return all(np.isfinite([p.mu, p.var, p.c, p.delta, p.alpha_s, p.beta, p.eps, p.hazard, p.value_ref]))
 
 
 def initial_snapshot(cfg) -> StopSnapshot:
@@ -49,9 +58,10 @@ class StreamState:
     stream: object
     needs_values: bool
     interval: int
-    regrets: list[float] = field(default_factory=list)  # g_t for t in [0, n)
-    values: dict[int, float] = field(default_factory=dict)
+    regrets: list[float] = field(default_factory=list)  # g_t for t in [base, n): undecided tokens only
+    values: dict[int, float] = field(default_factory=dict)  # V(s_t) for t >= the last decided value slot
     next_t: int = 0  # first undecided token
+    base: int = 0  # token index of regrets[0] (decided regrets are dropped: memory ~ lag, not length)
     n: int = 0  # tokens received
     broken: bool = False
     decided: bool = False
@@ -67,14 +77,22 @@ class Stopper(Actor):
         self.cancels = t.socket(zmq.ROUTER, "stopper_cancel", bind=True)
         self.broadcast = t.socket(zmq.SUB, "broadcast", bind=False, subscribe=True)
         self.snapshot = initial_snapshot(self.cfg)
+        # A restarted stopper (or a resumed run) judges nothing before the learner's snapshot.
+        self.have_snapshot = not self.rejoining
+        self.learner_epoch: str | None = None
         self.interval = self.cfg.stop.value_interval
         self.streams: dict[str, StreamState] = {}
-        # values that arrive before the stream's first token (the critic can be faster)
-        self.early_values: dict[str, dict[int, float]] = {}
+        # values that arrive before the stream's first token (the critic can be faster); bounded
+        self.early_values: OrderedDict[str, dict[int, float]] = OrderedDict()
+        # Memory per stream is bounded: a response has at most rollout.max_tokens tokens and
+        # states s_0 .. s_max_tokens; anything beyond is a broken or hostile peer.
+        self.max_tokens = self.cfg.rollout.max_tokens
 
     async def main(self) -> None:
         await asyncio.gather(
-            self._stream_loop(), self._broadcast_loop(), self.expire_idle_streams(self.streams, self.early_values.pop)
+            self._stream_loop(),
+            self._broadcast_loop(),
+            self.expire_idle_streams(self.streams, lambda rid: self.early_values.pop(rid, None)),
         )
 
     def heartbeat_counters(self) -> dict[str, float]:
@@ -88,9 +106,16 @@ class Stopper(Actor):
         while True:
             msg = await self.transport.recv(self.broadcast, "learner")
             if isinstance(msg, P.BatchBoundary):
+                if not _finite_params(msg.stop):
+                    self.counters["bad_snapshots"] += 1
+                    self.log.warning("ignored a stop snapshot with non-finite parameters: %s", msg.stop)
+                    continue
                 snap = snapshot_from_params(msg.stop)
-                if snap.step >= self.snapshot.step:
+                # A restarted learner (new epoch) goes back to its checkpoint's step: follow it.
+                if snap.step >= self.snapshot.step or msg.epoch != self.learner_epoch:
                     self.snapshot = snap
+                    self.learner_epoch = msg.epoch
+                    self.have_snapshot = True
             elif isinstance(msg, P.Shutdown):
                 self.on_shutdown(msg)
 
@@ -100,6 +125,7 @@ class Stopper(Actor):
             msg = await self.transport.recv(self.inbox, "streams")
             if msg is None:
                 continue
+            self.counters["stream_messages"] += 1
             handler = handlers.get(type(msg))
             if handler is None:
                 self.counters["unexpected_messages"] += 1
@@ -115,6 +141,9 @@ class Stopper(Actor):
             if msg.start != 0:
                 self.counters["streams_joined_late"] += 1
                 return  # we missed its beginning (stopper restarted): never judge it
+            if not self.have_snapshot:
+                self.counters["streams_before_snapshot"] += 1
+                return  # restarted, no stop state from the learner yet: never judge it
             policy = make_stop_policy(self.snapshot)
             st = StreamState(
                 sampler_id=msg.sampler_id,
@@ -132,6 +161,14 @@ class Stopper(Actor):
             st.broken = True  # a chunk was lost: the stream can no longer be judged exactly
             self.counters["streams_with_gaps"] += 1
             return
+        if st.n + len(msg.token_ids) > self.max_tokens:
+            st.broken = True  # longer than any response can be: never judged, memory stays bounded
+            st.regrets.clear()
+            st.values.clear()
+            self.counters["streams_too_long"] += 1
+            self.log.warning("stream %r passed rollout.max_tokens=%d tokens; no longer judged",
+                             msg.request_id[:200], self.max_tokens)
+            return
         g = surrogate_regret(
             sampled_logprob=torch.from_numpy(np.asarray(msg.logprobs, np.float64)),
             top1_logprob=torch.from_numpy(np.asarray(msg.top1_logprobs, np.float64)),
@@ -147,14 +184,25 @@ class Stopper(Actor):
 
     def on_values(self, msg: P.ValueChunk) -> None:
         values = np.asarray(msg.values, dtype=np.float64)
+        positions = np.asarray(msg.positions, dtype=np.int64)
         finite = np.isfinite(values)
-        if not finite.all():
+        if not finite.all():  # no value is better than a wrong one: that state is never judged
             self.counters["non_finite_values"] += int((~finite).sum())
-        pairs = {int(p): float(v) for p, v, ok in zip(msg.positions, values, finite) if ok}
+        in_range = (positions >= 0) & (positions <= self.max_tokens)
+        if not in_range.all():
+            self.counters["values_out_of_range"] += int((~in_range).sum())
+        keep = finite & in_range
+        pairs = dict(zip(positions[keep].tolist(), values[keep].tolist()))
         st = self.streams.get(msg.request_id)
         if st is None:
-            if len(self.early_values) < 100_000:
-                self.early_values.setdefault(msg.request_id, {}).update(pairs)
+            self.counters["values_before_stream"] += 1
+            early = self.early_values.get(msg.request_id)
+            if early is None:
+                early = self.early_values[msg.request_id] = {}
+                while len(self.early_values) > MAX_EARLY_STREAMS:
+                    self.early_values.popitem(last=False)
+                    self.counters["early_values_forgotten"] += 1
+            early.update(pairs)
             return
         st.values.update(pairs)
         st.last_activity = time.monotonic()
@@ -162,8 +210,10 @@ class Stopper(Actor):
         self._advance(msg.request_id, st)
 
     def on_end(self, msg: P.StreamEnd) -> None:
-        self.streams.pop(msg.request_id, None)
-        self.early_values.pop(msg.request_id, None)
+        st = self.streams.pop(msg.request_id, None)
+        early = self.early_values.pop(msg.request_id, None)
+        if st is None and early is None:
+            self.counters["end_unknown"] += 1  # never started here, already expired, or repeated
 
     def _advance(self, request_id: str, st: StreamState) -> None:
         while st.next_t < st.n and not st.decided:
@@ -175,11 +225,24 @@ class Stopper(Actor):
                     return  # wait for the critic
             elif st.values:
                 v = st.values.get(t - t % st.interval)
-            fired = st.policy.push(st.stream, st.regrets[t], v)
+            fired = st.policy.push(st.stream, st.regrets[t - st.base], v)
             st.next_t += 1
             if fired:
                 st.decided = True
                 self._cancel(request_id, st, t)
+                return
+        if st.next_t - st.base >= TRIM_EVERY:
+            self._trim(st)
+
+    @staticmethod
+    def _trim(st: StreamState) -> None:
+        """Forget what no later decision reads: regrets of decided tokens and values of states
+        before the value slot of the first undecided token."""
+        del st.regrets[: st.next_t - st.base]
+        st.base = st.next_t
+        floor = st.next_t - st.next_t % st.interval
+        for k in [k for k in st.values if k < floor]:
+            del st.values[k]
 
     def _cancel(self, request_id: str, st: StreamState, t: int) -> None:
         stream = st.stream

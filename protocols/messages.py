@@ -185,7 +185,13 @@ class Cancel(Message):
 
 
 class Trajectory(Message):
-    """One finished, absorbed, truncated or incomplete rollout: exactly one per (prompt, sample)."""
+    """One finished, absorbed, truncated or incomplete rollout: exactly one per (prompt, sample).
+
+    T-PPO windows (``rollout.window_tokens`` > 0): before that final trajectory (the whole
+    response, ``offset`` 0), a training rollout also sends a *segment* every W tokens: ending
+    ``incomplete``, ``token_ids`` = response tokens ``offset .. offset+W-1``, and
+    ``prompt_token_ids`` = the prompt followed by response tokens ``0 .. offset-1`` (its prefix).
+    See espo_async/training/tppo.py."""
 
     KIND: ClassVar[str] = "trajectory"
     request_id: str
@@ -208,8 +214,15 @@ class Trajectory(Message):
     ended_at: float = 0.0
     text: str = ""  # detokenised response (for scoring and inspection)
     purpose: Purpose = "train"
+    offset: int = 0  # T-PPO segment: response tokens before token_ids (the tail of prompt_token_ids)
 
     def __post_init__(self) -> None:
+        if self.offset < 0 or (self.offset > 0 and (self.ending != "incomplete"
+                                                    or self.offset >= len(self.prompt_token_ids))):
+            raise ValueError(
+                f"offset={self.offset} needs an incomplete segment whose prefix holds the prompt and "
+                f"{self.offset} response tokens ({len(self.prompt_token_ids)} prefix tokens, ending {self.ending})"
+            )
         _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
         _check_1d("token_ids", self.token_ids, "iu")
         _check_1d("logprobs", self.logprobs, "f")
@@ -273,6 +286,7 @@ class BatchBoundary(Message):
     regret_count: int
     critic_loss: float
     groups_consumed: int = 0  # prompt groups the learner has taken so far (trained or dropped)
+    epoch: str = ""  # id of the learner process that sent it; changes when the learner restarts
 
 
 class EvalRequest(Message):
@@ -297,9 +311,10 @@ class WeightsAnnounced(Message):
     model: Literal["policy", "critic"]
     version: int
     uri: str  # file:///... safetensors on shared storage
-    sha256: str
+    sha256: str  # "" when not computed (the per-step weight sync skips it: see Learner._publish_weights)
     nbytes: int
     step: int = 0
+    epoch: str = ""  # learner process id (see BatchBoundary.epoch): a new epoch may go back in version
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,6 +349,38 @@ class Shutdown(Message):
     source: str = ""
 
 
+class ActorDown(Message):
+    """Supervisor -> all: an actor process died or hung and is being restarted. Repeated while it
+    is down; ``incarnation`` (0 = the first process of that actor) tells repeats from new losses."""
+
+    KIND: ClassVar[str] = "actor_down"
+    actor: str
+    role: str
+    incarnation: int
+    reason: str = ""
+
+
+class ActorUp(Message):
+    """Supervisor -> all: a restarted actor process (``incarnation`` >= 1) is ready. Repeated a
+    few times."""
+
+    KIND: ClassVar[str] = "actor_up"
+    actor: str
+    role: str
+    incarnation: int
+    pid: int = 0
+
+
+class Received(Message):
+    """Learner -> coordinator (broadcast): the learner holds these requests' trajectories (in its
+    write-ahead log, or already trained on). Work delivered but never acknowledged is issued
+    again when its sampler or the learner restarts."""
+
+    KIND: ClassVar[str] = "received"
+    request_ids: list[str]
+    epoch: str = ""
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     WorkRequest,
     PromptWork,
@@ -350,4 +397,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     Heartbeat,
     Start,
     Shutdown,
+    ActorDown,
+    ActorUp,
+    Received,
 )

@@ -30,3 +30,16 @@ def tiny_model_dir():
 
     cfg = parse_config({"task": {"name": "arithmetic", "options": {"n_steps": 3}}})
     return str(resolve_model("tiny", cfg))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_master_port():
+    """An in-process trainer sets MASTER_PORT for its one-process gloo group; actor processes
+    started by later test modules would inherit it and fail to bind the same port. (Autouse
+    fixtures run before the other fixtures of their scope: the snapshot precedes any trainer.)"""
+    before = os.environ.get("MASTER_PORT")
+    yield
+    if before is None:
+        os.environ.pop("MASTER_PORT", None)
+    else:
+        os.environ["MASTER_PORT"] = before

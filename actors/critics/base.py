@@ -73,6 +73,7 @@ class Critic(Actor):
         self.broadcast = t.socket(zmq.SUB, "broadcast", bind=False, subscribe=True)
         self.interval = self.cfg.stop.value_interval
         self.version = -1  # no learner weights yet: the v0 announcement must load too
+        self.learner_epoch: str | None = None  # a restarted learner (new epoch) may go back in version
         self.streams: dict[str, CriticStream] = {}
         self.ended: list[str] = []
         self.work = asyncio.Event()
@@ -95,11 +96,14 @@ class Critic(Actor):
         while True:
             msg = await self.transport.recv(self.inbox, "samplers")
             if isinstance(msg, P.TokenChunk):
-                self.on_tokens(msg)
+                with self.guard("tokens"):
+                    self.on_tokens(msg)
             elif isinstance(msg, P.StreamEnd):
                 if self.streams.pop(msg.request_id, None) is not None:
                     self.ended.append(msg.request_id)  # released by the compute loop, not here:
                     self.work.set()  # the model may be busy in its worker thread
+                else:
+                    self.counters["end_unknown"] += 1
             elif msg is not None:
                 self.counters["unexpected_messages"] += 1
 
@@ -110,25 +114,54 @@ class Critic(Actor):
                 self.counters["streams_joined_late"] += 1
                 return
             st = self.streams[msg.request_id] = CriticStream(prompt=np.asarray(msg.prompt_token_ids))
+            if not self._in_vocabulary(st.prompt, msg.request_id):
+                st.broken = True
         if st.broken:
             return
         if msg.start != st.n_tokens:
             st.broken = True
             self.counters["streams_with_gaps"] += 1
             return
+        if st.n_tokens + len(msg.token_ids) > self.cfg.rollout.max_tokens:
+            st.broken, st.pending = True, []  # longer than any response: bounded memory, no values
+            self.counters["streams_too_long"] += 1
+            return
+        if not self._in_vocabulary(msg.token_ids, msg.request_id):
+            st.broken, st.pending = True, []
+            return
         st.pending.append(np.asarray(msg.token_ids))
         st.n_tokens += len(msg.token_ids)
         st.last_activity = time.monotonic()
         self.work.set()
 
+    def _in_vocabulary(self, ids: np.ndarray, request_id: str) -> bool:
+        """Token ids the value model cannot embed break only their own stream (checked here, not
+        in the model's batch, where one bad stream would cost every stream of the batch)."""
+        vocab = getattr(self.model, "vocab_size", None)
+        if vocab is None or not len(ids) or (int(ids.min()) >= 0 and int(ids.max()) < vocab):
+            return True
+        self.counters["tokens_out_of_vocab"] += 1
+        self.log.warning("stream %r has token ids outside the critic's vocabulary [0, %d): no values for it",
+                         request_id[:200], vocab)
+        return False
+
     async def _broadcast_loop(self) -> None:
         while True:
             msg = await self.transport.recv(self.broadcast, "learner")
-            if isinstance(msg, P.WeightsAnnounced) and msg.model == "critic" and msg.version > self.version:
+            if isinstance(msg, P.WeightsAnnounced) and msg.model == "critic" and (
+                msg.version > self.version or self.learner_epoch not in (None, msg.epoch)
+            ):
                 async with self.model_lock:
                     t0 = time.perf_counter()
-                    await asyncio.to_thread(self.model.load_weights, Path(msg.uri.removeprefix("file://")), msg.version)
+                    try:
+                        await asyncio.to_thread(self.model.load_weights, Path(msg.uri.removeprefix("file://")), msg.version)
+                    except Exception:  # keep the weights we have; the announcement is repeated
+                        self.counters["weight_load_errors"] += 1
+                        self.log.exception("could not load critic weights v%d from %r", msg.version, msg.uri[:300])
+                        continue
                     self.version = msg.version
+                    self.learner_epoch = msg.epoch
+                    self.work.set()  # streams held back until the learner's weights arrived
                     self.counters["weight_updates"] += 1
                     self.counters["weight_update_s"] = time.perf_counter() - t0
             elif isinstance(msg, P.Shutdown):
@@ -138,6 +171,8 @@ class Critic(Actor):
         while True:
             await self.work.wait()
             self.work.clear()
+            if self.version < 0 and self.rejoining:
+                continue  # restarted: the initial head is not the learner's; wait for its weights
             async with self.model_lock:
                 for rid in self.ended:
                     self.model.end(rid)

@@ -55,9 +55,12 @@ class Actor:
         self.cfg = ctx.config
         self.run_dir = ctx.run_dir
         self.options = dict(ctx.options)
-        self.transport = Transport(
-            ctx.addresses, hwm=self.cfg.transport.hwm, max_frame_bytes=self.cfg.transport.max_frame_bytes
-        )
+        self.transport = Transport.from_config(ctx.addresses, self.cfg.transport)
+        #: 0 for the first process of this actor in the run, n after its n-th restart.
+        self.incarnation = int(os.environ.get("ESPO_INCARNATION", "0") or 0)
+        #: True if this process joins a run already under way (a restart, or a resumed run folder):
+        #: state it would otherwise assume from the config must come from its peers.
+        self.rejoining = self.incarnation > 0 or os.environ.get("ESPO_REJOINING") == "1"
         self.counters: Counter[str] = Counter()
         self.status: str = "starting"
         self.stop_event = asyncio.Event()
@@ -96,6 +99,9 @@ class Actor:
     def on_shutdown(self, msg: P.Shutdown) -> None:
         self.log.info("shutdown requested by %s: %s", msg.source or "?", msg.reason)
         self.request_stop()
+
+    async def on_control(self, msg: P.Message) -> None:
+        """Other supervisor broadcasts (``ActorDown``, ``ActorUp``): repeated, so idempotent."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -193,6 +199,9 @@ class Actor:
                 self.started.set()
             elif isinstance(msg, P.Shutdown):
                 self.on_shutdown(msg)
+            elif msg is not None and self.status in ("ready", "running"):
+                with self.guard(type(msg).__name__):
+                    await self.on_control(msg)
 
     async def expire_idle_streams(self, streams: dict, on_expire=None) -> None:
         """Forget streams (values with a ``last_activity`` monotonic time) idle longer than

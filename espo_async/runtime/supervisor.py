@@ -1,10 +1,19 @@
-"""The supervisor: starts every actor as its own process, watches them, stops them all.
+"""The supervisor: starts every actor as its own process, watches them, restarts the lost ones.
 
 It owns the two control endpoints (heartbeats in, start/shutdown out), shows progress from the
-learner's heartbeats, detects dead or silent actors by name, and guarantees that no process of
-the run outlives it: each actor leads its own process group (so terminal Ctrl-C reaches only the
-supervisor, and engine subprocesses are killed with their actor), and the kernel sends SIGTERM
-to an actor whose supervisor dies (PR_SET_PDEATHSIG).
+learner's heartbeats, and detects dead or hung actors by name: an actor whose process exited, or
+that sent no heartbeat for ``transport.heartbeat_timeout_s`` (its process is then killed), is
+*lost*. Once the run has started, a lost actor is restarted under the same name after
+``transport.restart_backoff_s`` (doubling per restart), at most ``transport.max_restarts`` times
+per ``transport.restart_window_s``; every other actor is told (``ActorDown`` while it is down,
+``ActorUp`` once its new process is ready) so that, e.g., the coordinator issues a dead sampler's
+work again. A loss before the run started, a loss beyond the restart budget, or any loss with
+``transport.restart_actors: false`` ends the run. The learner exiting with code 0 ends the run
+(training finished).
+
+No process of the run outlives the supervisor: each actor leads its own process group (so
+terminal Ctrl-C reaches only the supervisor, and engine subprocesses are killed with their
+actor), and the kernel sends SIGTERM to an actor whose supervisor dies (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -13,11 +22,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +39,12 @@ import protocols as P
 from espo_async.config import Config
 from espo_async.runtime.entry import actor_instances, validate_actors
 from espo_async.runtime.transport import Transport, cleanup_ipc, resolve_addresses
+from protocols.messages import ActorDown, ActorUp
 
 log = logging.getLogger("espo.supervisor")
+
+MAX_BACKOFF_S = 60.0
+UP_REPEATS = 6  # ActorUp is re-sent on this many watch ticks (PUB/SUB may drop one)
 
 
 @dataclass
@@ -37,10 +52,29 @@ class ActorState:
     name: str
     role: str
     proc: subprocess.Popen | None = None
-    status: str = "starting"
+    status: str = "starting"  # as reported, plus "down" while waiting for a restart
     last_seen: float = 0.0
     counters: dict[str, float] = field(default_factory=dict)
     returncode: int | None = None
+    incarnation: int = 0  # 0 = the first process; +1 per restart
+    restarts: list[float] = field(default_factory=list)  # monotonic times of restarts (window)
+    restart_at: float | None = None  # when a lost actor is due to be started again
+    spawned_at: float = 0.0
+    down_reason: str = ""
+    up_repeats: int = 0  # ActorUp messages still to send
+    beats: int = 0  # heartbeats received from it (all incarnations)
+
+
+@dataclass
+class Event:
+    """Something that happened to an actor (for logs, tests and RunResult)."""
+
+    kind: str  # "lost" | "restarting" | "up" | "gave_up"
+    actor: str
+    role: str
+    incarnation: int
+    detail: str
+    time: float
 
 
 @dataclass
@@ -49,6 +83,7 @@ class RunResult:
     reason: str
     run_dir: Path
     actors: dict[str, ActorState]
+    events: list[Event] = field(default_factory=list)
 
 
 def tail(path: Path, n: int = 15) -> str:
@@ -57,6 +92,15 @@ def tail(path: Path, n: int = 15) -> str:
     except OSError:
         return ""
     return "\n".join(lines[-n:])
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    return f"exited with code {rc}"
 
 
 class Supervisor:
@@ -85,20 +129,26 @@ class Supervisor:
         }
         self.started = False
         self.changed = asyncio.Event()  # pulses whenever an actor's state changes (for tests)
+        self.events: list[Event] = []
+        self.counters: Counter[str] = Counter()
+        self.transport: Transport | None = None
         self._stop_reason: tuple[int, str] | None = None
         self._bar = None
+        # A run folder that already holds a checkpoint is being resumed: every actor rejoins.
+        self._resuming = (self.run_dir / "checkpoint").is_dir()
 
     # -- public ------------------------------------------------------------------------------
 
     async def run(self) -> RunResult:
         (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
         (self.run_dir / "addresses.json").write_text(json.dumps(self.addresses, indent=1))
-        transport = Transport(self.addresses, hwm=10_000, max_frame_bytes=self.cfg.transport.max_frame_bytes)
+        transport = self.transport = Transport.from_config(self.addresses, self.cfg.transport, hwm=10_000)
         inbox = transport.socket(zmq.PULL, "control_in", bind=True, hwm=10_000)
         outbox = transport.socket(zmq.PUB, "control_out", bind=True, hwm=10_000)
         loop = asyncio.get_running_loop()
         for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
             loop.add_signal_handler(sig, self.stop, code, f"received {signal.Signals(sig).name}")
+        exit_code, reason = 1, "supervisor failed"
         try:
             self._spawn_all()
             receiver = asyncio.create_task(self._receive(transport, inbox))
@@ -117,7 +167,7 @@ class Supervisor:
             cleanup_ipc(self.addresses)
             if self._bar is not None:
                 self._bar.close()
-        return RunResult(exit_code, reason, self.run_dir, self.actors)
+        return RunResult(exit_code, reason, self.run_dir, self.actors, self.events)
 
     def stop(self, exit_code: int = 0, reason: str = "stopped") -> None:
         """Ask the run to end (from a signal handler, a test, or an embedding program)."""
@@ -132,20 +182,32 @@ class Supervisor:
                 self.changed.clear()
                 await self.changed.wait()
 
-    def kill_actor(self, name: str, sig: int = signal.SIGKILL) -> None:
-        """Send a signal to one actor's process group (fault tests)."""
+    def kill_actor(self, name: str, sig: int = signal.SIGKILL) -> int | None:
+        """Send a signal to one actor's process group (fault tests); returns the pid signalled."""
         proc = self.actors[name].proc
         if proc is not None and proc.poll() is None:
             os.killpg(proc.pid, sig)
+            return proc.pid
+        return None
+
+    def events_of(self, name: str, kind: str | None = None) -> list[Event]:
+        return [e for e in self.events if e.actor == name and (kind is None or e.kind == kind)]
 
     # -- processes ---------------------------------------------------------------------------
 
     def _spawn_all(self) -> None:
         for name, state in self.actors.items():
-            state.proc = self._spawn(name)
-            state.last_seen = time.monotonic()
+            self._start(state)
 
-    def _spawn(self, name: str) -> subprocess.Popen:
+    def _start(self, state: ActorState) -> None:
+        state.proc = self._spawn(state.name, state.incarnation)
+        state.status = "starting"
+        state.spawned_at = state.last_seen = time.monotonic()
+        state.returncode = None
+        state.restart_at = None
+        state.counters = {}
+
+    def _spawn(self, name: str, incarnation: int = 0) -> subprocess.Popen:
         role = self.actors[name].role
         spec = getattr(self.cfg.actors, role)
         env = dict(os.environ)
@@ -154,6 +216,8 @@ class Supervisor:
             OMP_NUM_THREADS=str(spec.threads),
             MKL_NUM_THREADS=str(spec.threads),
             TOKENIZERS_PARALLELISM="false",
+            ESPO_INCARNATION=str(incarnation),
+            ESPO_REJOINING="1" if (incarnation > 0 or self._resuming) else "0",
         )
         env.update(self.env)
         cpus = spec.cpus
@@ -180,28 +244,100 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(state.proc.pid, sig)  # the actor and anything it started
 
+    def _kill(self, state: ActorState) -> None:
+        """SIGKILL an actor's process group and reap it (a hung actor: it cannot clean up)."""
+        if state.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(state.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            state.returncode = state.proc.wait(timeout=5.0)
+
     # -- loop --------------------------------------------------------------------------------
 
     def _pulse(self) -> None:
         self.changed.set()
 
+    def _event(self, kind: str, state: ActorState, detail: str) -> None:
+        self.events.append(Event(kind, state.name, state.role, state.incarnation, detail, time.time()))
+        self.counters[f"actor_{kind}"] += 1
+        self._pulse()
+
     async def _receive(self, transport: Transport, inbox) -> None:
         while True:
             msg = await transport.recv(inbox, "control_in")
+            if msg is None:
+                continue
             if not isinstance(msg, P.Heartbeat):
+                self.counters["unexpected_control_messages"] += 1
                 continue
-            state = self.actors.get(msg.actor)
-            if state is None:
-                log.warning("heartbeat from unknown actor %r", msg.actor)
-                continue
-            state.last_seen = time.monotonic()
-            state.counters = dict(msg.counters)
-            if state.status != msg.status:
-                log.info("%s: %s -> %s", msg.actor, state.status, msg.status)
-            state.status = msg.status
-            if msg.role == "learner":
-                self._show_progress(state.counters)
-            self._pulse()
+            try:
+                self._on_heartbeat(msg)
+            except Exception:  # a hostile heartbeat must not stop the supervisor from listening
+                self.counters["bad_heartbeats"] += 1
+                log.exception("could not handle a heartbeat from %r (ignored)", msg.actor)
+
+    def _on_heartbeat(self, msg: P.Heartbeat) -> None:
+        state = self.actors.get(msg.actor)
+        if state is None:
+            self.counters["heartbeats_unknown_actor"] += 1
+            if self.counters["heartbeats_unknown_actor"] <= 10:
+                log.warning("heartbeat from unknown actor %r (ignored)", msg.actor[:100])
+            return
+        if state.proc is None or msg.pid != state.proc.pid:
+            # From a process we already gave up on (in flight when it was killed), or forged.
+            self.counters["heartbeats_stale_pid"] += 1
+            return
+        state.last_seen = time.monotonic()
+        state.beats += 1
+        state.counters = {str(k): float(v) for k, v in msg.counters.items()}
+        if state.status != msg.status:
+            log.info("%s: %s -> %s", msg.actor, state.status, msg.status)
+            if state.incarnation > 0 and msg.status in ("ready", "running") and state.status == "starting":
+                state.up_repeats = UP_REPEATS
+                log.warning("%s is back (incarnation %d, pid %d)", state.name, state.incarnation, msg.pid)
+                self._event("up", state, f"pid {msg.pid}")
+        state.status = msg.status
+        if msg.role == "learner":
+            self._show_progress(state.counters)
+        self._pulse()
+
+    def _lost(self, state: ActorState, why: str, outbox, transport: Transport) -> tuple[int, str] | None:
+        """An actor died or hung. Schedule its restart, or say why the run must end."""
+        tcfg = self.cfg.transport
+        detail = tail(self.run_dir / "logs" / f"{state.name}.out")
+        message = f"actor {state.name} ({state.role}) {why}"
+        log.error("%s", message)
+        self._event("lost", state, why)
+        full = message + (f"; last output:\n{detail}" if detail else "")
+        if not self.started:
+            return 1, full
+        if not tcfg.restart_actors:
+            return 1, full + "\n(transport.restart_actors is false)"
+        now = time.monotonic()
+        state.restarts = [t for t in state.restarts if now - t < tcfg.restart_window_s]
+        if len(state.restarts) >= tcfg.max_restarts:
+            self._event("gave_up", state, why)
+            return 1, (
+                f"{message}; it was restarted {len(state.restarts)} times in the last {tcfg.restart_window_s:.0f}s "
+                f"(transport.max_restarts={tcfg.max_restarts})" + (f"; last output:\n{detail}" if detail else "")
+            )
+        delay = min(tcfg.restart_backoff_s * 2 ** len(state.restarts), MAX_BACKOFF_S)
+        state.restarts.append(now)
+        state.proc = None
+        state.status = "down"
+        state.down_reason = why
+        state.restart_at = now + delay
+        state.up_repeats = 0
+        self._event("restarting", state, f"in {delay:.1f}s (restart {len(state.restarts)} of {tcfg.max_restarts})")
+        log.warning("restarting %s in %.1fs (%d of %d)", state.name, delay, len(state.restarts), tcfg.max_restarts)
+        self._send_down(state, transport, outbox)
+        return None
+
+    def _send_down(self, state: ActorState, transport: Transport, outbox) -> None:
+        transport.try_send(
+            outbox, ActorDown(actor=state.name, role=state.role, incarnation=state.incarnation, reason=state.down_reason)
+        )
 
     async def _watch(self, transport: Transport, outbox) -> tuple[int, str]:
         tcfg = self.cfg.transport
@@ -211,14 +347,50 @@ class Supervisor:
                 return self._stop_reason
             now = time.monotonic()
             for state in self.actors.values():
-                rc = state.proc.poll() if state.proc else None
-                if rc is not None and state.returncode is None:
+                if state.proc is None:  # lost: tell everyone until it is back, then start it
+                    if state.restart_at is not None and now >= state.restart_at:
+                        state.incarnation += 1
+                        log.warning("starting %s again (incarnation %d)", state.name, state.incarnation)
+                        self._start(state)
+                        self._pulse()
+                    else:
+                        self._send_down(state, transport, outbox)
+                    continue
+                rc = state.proc.poll()
+                if rc is not None:
                     state.returncode = rc
                     self._pulse()
                     if state.role == "learner" and rc == 0:
                         return 0, "training finished"
-                    detail = tail(self.run_dir / "logs" / f"{state.name}.out")
-                    return 1, f"actor {state.name} exited with code {rc}" + (f"; last output:\n{detail}" if detail else "")
+                    ended = self._lost(state, describe_exit(rc), outbox, transport)
+                    if ended is not None:
+                        return ended
+                    continue
+                silent = now - state.last_seen
+                if state.status == "starting":
+                    # (Re)starting: setup may block the event loop (model loading); allow the start-up time.
+                    if self.started and now - state.spawned_at > tcfg.startup_timeout_s:
+                        why = f"is hung: not ready {now - state.spawned_at:.0f}s after (re)start (transport.startup_timeout_s={tcfg.startup_timeout_s:g})"
+                        self._kill(state)
+                        ended = self._lost(state, why, outbox, transport)
+                        if ended is not None:
+                            return ended
+                elif self.started and silent > tcfg.heartbeat_timeout_s:
+                    why = (
+                        # rounded up: the reported silence is never below the timeout it exceeded
+                        f"is hung: no heartbeat for {math.ceil(silent * 100) / 100:.2f}s (transport.heartbeat_timeout_s="
+                        f"{tcfg.heartbeat_timeout_s:g}); killed it"
+                    )
+                    self._kill(state)
+                    ended = self._lost(state, why, outbox, transport)
+                    if ended is not None:
+                        return ended
+                if state.up_repeats > 0 and state.proc is not None:
+                    state.up_repeats -= 1
+                    transport.try_send(
+                        outbox,
+                        ActorUp(actor=state.name, role=state.role, incarnation=state.incarnation, pid=state.proc.pid),
+                    )
             if not self.started:
                 if all(s.status in ("ready", "running") for s in self.actors.values()):
                     self.started = True
@@ -227,10 +399,6 @@ class Supervisor:
                 elif now - t0 > tcfg.startup_timeout_s:
                     waiting = [s.name for s in self.actors.values() if s.status not in ("ready", "running")]
                     return 1, f"actors not ready after {tcfg.startup_timeout_s:.0f}s: {', '.join(waiting)}"
-            else:
-                silent = [s.name for s in self.actors.values() if now - s.last_seen > tcfg.heartbeat_timeout_s]
-                if silent:
-                    return 1, f"no heartbeat for {tcfg.heartbeat_timeout_s:.0f}s from: {', '.join(silent)} (hung or dead)"
             if self.started:
                 transport.try_send(outbox, P.Start(actors=list(self.actors)))
             self.changed.clear()
@@ -262,10 +430,10 @@ class Supervisor:
     def _show_progress(self, counters: dict[str, float]) -> None:
         if not self.progress:
             return
-        total = int(counters.get("total_steps", 0))
-        step = int(counters.get("step", 0))
-        if total <= 0:
+        total, step = counters.get("total_steps", 0.0), counters.get("step", 0.0)
+        if not (math.isfinite(total) and math.isfinite(step)) or total <= 0:
             return
+        total, step = int(total), int(step)
         if self._bar is None:
             from tqdm import tqdm
 

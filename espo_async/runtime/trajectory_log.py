@@ -1,7 +1,10 @@
 """An append-only log of received trajectories, so a learner crash loses nothing it received.
 
 Each record is ``[4-byte little-endian length][frame]`` where the frame is the protocol
-encoding of the ``Trajectory``. A torn last record (crash mid-write) is ignored on replay.
+encoding of the ``Trajectory``. A torn last record (crash mid-write) is ignored on replay and cut
+off when the log is opened again (so later records stay readable). Every record reaches the OS
+before ``append`` returns (a killed process loses nothing it appended); ``fsync`` every
+``fsync_every`` records bounds what a machine crash can lose.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ class TrajectoryLog:
     def __init__(self, path: Path, *, fsync_every: int = 64):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            good = valid_length(self.path)
+            if good < self.path.stat().st_size:
+                os.truncate(self.path, good)  # a torn or corrupt tail would hide later records
         self._file = self.path.open("ab")
         self._since_sync = 0
         self.fsync_every = fsync_every
@@ -27,6 +34,7 @@ class TrajectoryLog:
     def append(self, traj: P.Trajectory) -> None:
         frame = P.encode(traj)
         self._file.write(_LEN.pack(len(frame)) + frame)
+        self._file.flush()
         self._since_sync += 1
         if self._since_sync >= self.fsync_every:
             self.sync()
@@ -41,9 +49,22 @@ class TrajectoryLog:
         self._file.close()
 
 
+def valid_length(path: Path) -> int:
+    """Bytes of the log up to the end of its last complete, decodable record."""
+    end = 0
+    for end, _ in _records(Path(path)):
+        pass
+    return end
+
+
 def replay(path: Path) -> Iterator[P.Trajectory]:
     """Every complete, valid record of the log, in order."""
-    path = Path(path)
+    for _, msg in _records(Path(path)):
+        if isinstance(msg, P.Trajectory):
+            yield msg
+
+
+def _records(path: Path) -> Iterator[tuple[int, P.Message]]:
     if not path.is_file():
         return
     data = path.read_bytes()
@@ -57,6 +78,5 @@ def replay(path: Path) -> Iterator[P.Trajectory]:
             msg = P.decode(data[pos + _LEN.size : end])
         except P.ProtocolError:
             return  # corruption: stop at the last good record
-        if isinstance(msg, P.Trajectory):
-            yield msg
+        yield end, msg
         pos = end

@@ -6,6 +6,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 import protocols as P
+from protocols.messages import ActorDown, ActorUp, Received
 
 ids = st.text(min_size=1, max_size=24)
 nonneg = st.integers(min_value=0, max_value=2**31 - 1)
@@ -136,6 +137,7 @@ STRATEGIES = {
         regret_count=nonneg,
         critic_loss=floats,
         groups_consumed=nonneg,
+        epoch=st.text(max_size=16),
     ),
     P.EvalRequest: st.builds(
         P.EvalRequest,
@@ -154,6 +156,7 @@ STRATEGIES = {
         sha256=st.text(max_size=64),
         nbytes=nonneg,
         step=nonneg,
+        epoch=st.text(max_size=16),
     ),
     P.Heartbeat: st.builds(
         P.Heartbeat,
@@ -167,6 +170,9 @@ STRATEGIES = {
     ),
     P.Start: st.builds(P.Start, actors=st.lists(ids, max_size=5)),
     P.Shutdown: st.builds(P.Shutdown, reason=st.text(max_size=20), source=st.text(max_size=10)),
+    ActorDown: st.builds(ActorDown, actor=ids, role=ids, incarnation=nonneg, reason=st.text(max_size=20)),
+    ActorUp: st.builds(ActorUp, actor=ids, role=ids, incarnation=nonneg, pid=nonneg),
+    Received: st.builds(Received, request_ids=st.lists(ids, max_size=8), epoch=st.text(max_size=16)),
 }
 
 MESSAGES = st.one_of(*STRATEGIES.values())

@@ -124,3 +124,42 @@ async def test_stop_parameters_come_from_the_learners_batch_boundary(stopper):
                                   values=np.zeros(30, np.float32), critic_version=0))
     hb = await h.wait_heartbeat(lambda hb: hb.counters.get("values", 0) >= 30)
     assert hb.counters.get("cancels_sent", 0) == 0
+
+
+async def test_long_streams_stop_where_the_pure_rule_does_with_sparse_values(tmp_path, tiny_model_dir):
+    """Streams much longer than the stopper's trimming window (it forgets decided regrets and
+    old values), values every 4 tokens, chunks of several tokens, values lagging behind: the
+    stop index is still exactly the vectorised rule's."""
+    assets = {"policy_dir": tiny_model_dir, "critic_dir": tiny_model_dir, "critic_from_policy": True}
+    cfg = parse_config({"stop": {"policy": "espo", "warmup": {"enabled": False}, "value_interval": 4},
+                        "rollout": {"max_tokens": 256}, "transport": {"heartbeat_interval_s": 0.1}})
+    async with ActorHarness(cfg, tmp_path, "stopper", binds=BINDS, assets=assets) as h:
+        await h.start()
+        peers = Peers(h)
+        try:
+            rng = np.random.default_rng(3)
+            for rid, calm in (("long-a", 150), ("long-b", 97)):
+                regrets = np.concatenate([rng.exponential(0.05, calm), rng.exponential(3.0, 256 - calm)])
+                v_slots = rng.uniform(0.05, 0.3, 64)
+                per_token = np.repeat(v_slots, 4)  # V(s_t) = V at t - t mod 4
+                expected = first_stop(torch.tensor(regrets.astype(np.float32)).double(), torch.tensor(per_token),
+                                      mu=0.0, var=1.0, c=5.0, delta=1e-4, alpha_s=0.9, beta=7.0, eps=0.2)
+                assert expected is not None and expected > 64
+                start = 0
+                while start < 256:
+                    n = int(rng.integers(1, 9))
+                    await peers.send(chunk(rid, start, regrets[start : start + n].astype(np.float32)))
+                    # values arrive a few tokens late, in a few chunks
+                    pos = np.arange(0, max(start - 6, 0), 4)
+                    pos = pos[pos >= max(start - 6 - 16, 0)]
+                    if len(pos):
+                        await peers.send(P.ValueChunk(request_id=rid, positions=pos.astype(np.int32),
+                                                      values=v_slots[pos // 4].astype(np.float32), critic_version=0))
+                    start += n
+                pos = np.arange(0, 256, 4)
+                await peers.send(P.ValueChunk(request_id=rid, positions=pos.astype(np.int32),
+                                              values=v_slots[pos // 4].astype(np.float32), critic_version=0))
+                cancel = await peers.cancel(timeout=30)
+                assert cancel.request_id == rid and cancel.stop_index == expected
+        finally:
+            peers.close()
