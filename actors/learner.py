@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import threading
 import time
@@ -29,12 +30,14 @@ import zmq
 import protocols as P
 from actors.reward import TaskReward
 from actors.stopper import params_from_snapshot
+from actors.tppo import WindowLearning
 from espo_async.assets import load_assets
 from espo_async.runtime.actor import Actor
 from espo_async.runtime.metrics import MetricsWriter
 from espo_async.runtime.trajectory_log import TrajectoryLog, replay
 from espo_async.tasks.registry import make_task
 from espo_async.training.stop_state import make_stop_controller
+from protocols.messages import Received
 
 
 @dataclass
@@ -94,6 +97,10 @@ class Learner(Actor):
         self.weights_dir = self.run_dir / "weights"
         self.weights_dir.mkdir(exist_ok=True)
         self.ckpt_dir = self.run_dir / "checkpoint"
+        # T-PPO windows: rows are segments of rollouts (actors/tppo.py, espo_async/training/tppo.py)
+        self.windows = WindowLearning(self) if self.cfg.rollout.window_tokens > 0 else None
+        # This process's id on the broadcast: peers see a restart (the version may go back).
+        self.epoch = f"{os.getpid():x}-{time.time_ns():x}"
         self.trainer = await asyncio.to_thread(self._make_trainer)
         await asyncio.to_thread(self._load_checkpoint)
         self._replay_log()
@@ -133,19 +140,35 @@ class Learner(Actor):
 
     # -- resume ------------------------------------------------------------------------------
 
+    def _checkpoint_to_load(self) -> tuple[Path, dict] | None:
+        """The newest complete checkpoint. ``_save_checkpoint`` swaps folders by renames; a kill
+        between them leaves the new one in checkpoint.tmp (complete once its state file parses)
+        or only the previous one in checkpoint.old."""
+        for folder in (self.ckpt_dir, self.run_dir / "checkpoint.tmp", self.run_dir / "checkpoint.old"):
+            try:
+                state = json.loads((folder / "learner_state.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if folder != self.ckpt_dir:
+                self.log.warning("no complete checkpoint/ (killed while saving?): resuming from %s", folder)
+            return folder, state
+        return None
+
     def _load_checkpoint(self) -> bool:
         """Load the last checkpoint, if any (worker thread: no event-loop objects touched)."""
-        state_file = self.ckpt_dir / "learner_state.json"
-        if not state_file.is_file():
+        found = self._checkpoint_to_load()
+        if found is None:
             return False
-        state = json.loads(state_file.read_text())
-        self.trainer.load_checkpoint(self.ckpt_dir / "trainer")
+        folder, state = found
+        self.trainer.load_checkpoint(folder / "trainer")
         self.controller.load_state_dict(state["controller"])
         self.step = state["step"]
         self.version = state["version"]
         self.groups_consumed = state["groups_consumed"]
         self.cumulative_tokens = state["cumulative_tokens"]
         self.consumed_groups = set(state["consumed_groups"])
+        if self.windows is not None:
+            self.windows.load_state_dict(state.get("windows"))
         self.log.info("resumed from step %d (policy version %d)", self.step, self.version)
         return True
 
@@ -168,6 +191,7 @@ class Learner(Actor):
                 "cumulative_tokens": self.cumulative_tokens,
                 "consumed_groups": sorted(self.consumed_groups),
                 "controller": self.controller.state_dict(),
+                "windows": self.windows.state_dict() if self.windows is not None else None,
             }
             (tmp / "learner_state.json").write_text(json.dumps(state))
             old = self.run_dir / "checkpoint.old"
@@ -189,6 +213,8 @@ class Learner(Actor):
         if traj.purpose != "train":
             self.counters["unexpected_purpose"] += 1
             return False
+        if self.windows is not None:
+            return self.windows.accept(traj, log=log)
         key = (traj.prompt_id, traj.sample_index)
         if key in self.seen or traj.prompt_id in self.consumed_groups:
             self.counters["duplicates"] += 1
@@ -277,9 +303,39 @@ class Learner(Actor):
         while True:
             msg = await self.transport.recv(self.results, "samplers")
             if isinstance(msg, P.Trajectory):
-                self._accept(msg)
+                with self.guard("trajectory"):
+                    problem = self._invalid(msg)
+                    if problem is not None:
+                        self.counters["rejected_trajectories"] += 1
+                        self.log.warning("rejected trajectory %r: %s", msg.request_id[:200], problem)
+                        continue
+                    self._accept(msg)
+                    # Written down (or already held): the coordinator may forget the request.
+                    # (A T-PPO segment is not the request's end: only its final trajectory is.)
+                    if msg.ending != "incomplete":
+                        self.transport.try_send(self.pub, Received(request_ids=[msg.request_id], epoch=self.epoch))
             elif msg is not None:
                 self.counters["unexpected_messages"] += 1
+
+    def _invalid(self, traj: P.Trajectory) -> str | None:
+        """Why a decodable trajectory cannot be trained on (it must never reach the log)."""
+        if traj.purpose != "train":
+            return None
+        if not 0 <= traj.sample_index < traj.group_size:
+            return f"sample_index {traj.sample_index} not in [0, {traj.group_size})"
+        if traj.group_size != self.cfg.rollout.samples_per_prompt:
+            return f"group_size {traj.group_size} != rollout.samples_per_prompt {self.cfg.rollout.samples_per_prompt}"
+        if len(traj.token_ids) > self.cfg.rollout.max_tokens:
+            return f"{len(traj.token_ids)} tokens > rollout.max_tokens {self.cfg.rollout.max_tokens}"
+        vocab = self.trainer.vocab_size
+        for name in ("token_ids", "prompt_token_ids"):
+            ids = getattr(traj, name)
+            if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                return f"{name} outside the vocabulary [0, {vocab})"
+        bad = int((~np.isfinite(traj.logprobs)).sum())
+        if bad:  # the trainer masks them (importance weight 1); count, do not reject
+            self.counters["non_finite_logprobs"] += bad
+        return None
 
     async def _rebroadcast_loop(self) -> None:
         while True:
@@ -298,6 +354,8 @@ class Learner(Actor):
     # -- training ----------------------------------------------------------------------------
 
     async def _take_batch(self) -> list[P.Trajectory]:
+        if self.windows is not None:  # T-PPO: the oldest B rows (segments), finished or not
+            return await self.windows.take_batch()
         need = self.cfg.rollout.prompts_per_batch
         while len(self.ready) < need:
             self.ready_event.clear()
@@ -352,16 +410,21 @@ class Learner(Actor):
         ]
         step = self.step + 1
         t0 = time.time()
-        with_lock = self._locked(self.trainer.train_step)
+        with_lock = self._locked(self.windows.train_step if self.windows is not None else self.trainer.train_step)
         train_metrics = await asyncio.to_thread(with_lock, samples, step=step, learner_version=self.version)
         step_end_time = time.time()
         train_seconds = step_end_time - t0
         self.step = step
         self.version += 1
-        self.groups_consumed += self.cfg.rollout.prompts_per_batch
-        await asyncio.to_thread(self._publish_weights)
+        if self.windows is not None:  # T-PPO: ceil(rollouts ended and trained / samples_per_prompt)
+            self.groups_consumed = self.windows.groups_consumed
+        else:
+            self.groups_consumed += self.cfg.rollout.prompts_per_batch
+        await asyncio.to_thread(self._publish_weights, asyncio.get_running_loop())
         self._announce()
         metrics = self._batch_metrics(batch, rewards)
+        if self.windows is not None:  # rollout outcomes over the rollouts that ended in this step
+            metrics.update(self.windows.metrics(batch, rewards))
         metrics.update(train_metrics)
         if self.shadow_scores:  # false-positive stops: stopped rollouts that would have been correct
             metrics["shadow_n"] = float(len(self.shadow_scores))
@@ -432,7 +495,7 @@ class Learner(Actor):
             stop_rate = 0.0
         else:
             regrets = batch_regrets(batch)
-            stop_rate = metrics["stop_rate"]
+            stop_rate = metrics.get("controller_stop_rate", metrics["stop_rate"])  # T-PPO: NaN keeps beta
             snap = self.controller.on_batch_boundary(
                 self.step, regrets, stop_rate, metrics.get("critic_loss", float("nan"))
             )
@@ -451,24 +514,31 @@ class Learner(Actor):
             regret_count=int(len(regrets)),
             critic_loss=float(metrics.get("critic_loss", float("nan"))),
             groups_consumed=self.groups_consumed,
+            epoch=self.epoch,
         )
         self._announce()
 
-    def _publish_weights(self) -> None:
-        """Write the current weights (runs in a worker thread: no socket work here; the event
-        loop announces them)."""
+    def _publish_weights(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Write the current weights (runs in a worker thread: sockets are touched only through
+        ``loop``, which announces the policy as soon as its file exists, so the samplers load it
+        while the critic's file is written). The files are transient (the checkpoint is what
+        survives a crash): no fsync and no digest (sha256 "") on this per-step path."""
         version = self.version
         with self.trainer_lock:
             policy_path = self.weights_dir / f"policy-v{version}.safetensors"
-            sha, nbytes = self.trainer.save_policy_weights(policy_path)
-            self.last_weights["policy"] = P.WeightsAnnounced(
-                model="policy", version=version, uri=f"file://{policy_path}", sha256=sha, nbytes=nbytes, step=self.step
+            sha, nbytes = self.trainer.save_policy_weights(policy_path, digest=False, durable=False)
+            self.last_weights["policy"] = policy = P.WeightsAnnounced(
+                model="policy", version=version, uri=f"file://{policy_path}", sha256=sha, nbytes=nbytes, step=self.step,
+                epoch=self.epoch,
             )
+            if loop is not None:
+                loop.call_soon_threadsafe(self.transport.try_send, self.pub, policy)
             if self.cfg.actors.critic is not None:
                 critic_path = self.weights_dir / f"critic-v{version}.safetensors"
-                sha, nbytes = self.trainer.save_critic_weights(critic_path)
+                sha, nbytes = self.trainer.save_critic_weights(critic_path, digest=False, durable=False)
                 self.last_weights["critic"] = P.WeightsAnnounced(
-                    model="critic", version=version, uri=f"file://{critic_path}", sha256=sha, nbytes=nbytes, step=self.step
+                    model="critic", version=version, uri=f"file://{critic_path}", sha256=sha, nbytes=nbytes, step=self.step,
+                    epoch=self.epoch,
                 )
         for old in self.weights_dir.glob("*-v*.safetensors"):
             if int(old.stem.rsplit("-v", 1)[1]) < version - 2:  # keep a few: loads may be in flight

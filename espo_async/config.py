@@ -139,6 +139,12 @@ class AlgoConfig(_Section):
     behaviour_is_cap: float | None = Field(
         2.0, description="Truncated importance weight pi_prox/pi_behaviour for tokens sampled by an older policy (None: off)."
     )
+    tppo_critic_rollouts: int = Field(
+        1,
+        ge=1,
+        description="T-PPO (rollout.window_tokens > 0): the critic trains on complete rollouts only, with Monte-Carlo "
+        "returns, at a learner step once at least this many complete rollouts wait (all of them are used, each once).",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +164,13 @@ class RolloutConfig(_Section):
         False,
         description="Generate-then-train: a batch's rollouts start only after the previous step finished "
         "(no overlap of generation and training; the baseline of the async benchmark).",
+    )
+    window_tokens: int = Field(
+        0,
+        ge=0,
+        description="T-PPO windows (0: off): a training rollout hands the learner a segment (ending 'incomplete') "
+        "every this many tokens and keeps generating under newer weights; a learner step trains on "
+        "prompts_per_batch x samples_per_prompt segments (see espo_async/training/tppo.py). Must be < max_tokens.",
     )
 
 
@@ -344,6 +357,8 @@ class Config(_Section):
             raise ValueError(f"stop.policy '{self.stop.policy}' needs values: actors.critic must be set")
         if self.algo.advantage == "grpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError("algo.advantage 'grpo' needs rollout.samples_per_prompt >= 2")
+        if self.rollout.window_tokens > 0:
+            _check_windows(self)
         return self
 
     @property
@@ -352,6 +367,27 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def _check_windows(cfg: Config) -> None:
+    """T-PPO windows (rollout.window_tokens > 0) and the options they cannot work with."""
+    r, a = cfg.rollout, cfg.algo
+    w = r.window_tokens
+    if w >= r.max_tokens:
+        raise ValueError(f"rollout.window_tokens ({w}) must be < rollout.max_tokens ({r.max_tokens}) (0 turns windows off)")
+    if a.advantage != "gae":
+        raise ValueError(
+            f"rollout.window_tokens > 0 (T-PPO) needs algo.advantage 'gae', got '{a.advantage}': an unfinished "
+            "segment has no outcome reward, only the critic's extended-GAE bootstrap"
+        )
+    if r.synchronous:
+        raise ValueError("rollout.window_tokens > 0 (T-PPO) cannot be combined with rollout.synchronous")
+    if a.dynamic_sampling:
+        raise ValueError("rollout.window_tokens > 0 (T-PPO) cannot be combined with algo.dynamic_sampling (a step's "
+                         "rows are segments, not complete prompt groups)")
+    if a.overlong_buffer > 0:
+        raise ValueError("rollout.window_tokens > 0 (T-PPO) cannot be combined with algo.overlong_buffer (a segment's "
+                         "length is not its response's length)")
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

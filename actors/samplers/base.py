@@ -31,7 +31,9 @@ import zmq
 import protocols as P
 from espo_async.assets import load_assets
 from espo_async.runtime.actor import Actor
+from espo_async.training.tppo import segment_trajectory
 from espo_async.utils import stable_seed
+from protocols.messages import ActorUp
 
 
 @dataclass
@@ -91,6 +93,7 @@ class LiveRequest:
     ended: bool = False  # the engine finished this request; later cancels are late
     tokens_at_cancel: int = 0
     cancel_record: dict | None = None  # timing of the cancel (written to logs/<name>.cancels.jsonl)
+    emitted: int = 0  # T-PPO windows: response tokens already handed to the learner in segments
 
 
 ENDING_OF_FINISH_REASON = {"stop": "finished", "length": "truncated"}
@@ -106,6 +109,8 @@ class Sampler(Actor):
         t = self.transport
         self.assets = load_assets(self.run_dir)
         self.version = 0
+        self.learner_epoch: str | None = None  # the learner process whose weights we follow
+        self.coordinator_incarnation = 0
         self.version_changed = asyncio.Event()
         self.live: dict[str, LiveRequest] = {}
         self.recently_ended: OrderedDict[str, str] = OrderedDict()
@@ -159,6 +164,12 @@ class Sampler(Actor):
                 if msg.request_id in self.live:
                     self.counters["duplicate_work"] += 1
                     continue
+                problem = self._invalid_work(msg)
+                if problem is not None:  # never generate it; give the slot back
+                    self.counters["work_rejected"] += 1
+                    self.log.warning("rejected work %r: %s", msg.request_id[:200], problem)
+                    await self._request_work(1)
+                    continue
                 task = asyncio.create_task(self._serve(msg), name=msg.request_id)
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
@@ -169,7 +180,8 @@ class Sampler(Actor):
         while True:
             msg = await self.transport.recv(self.cancels, "stopper")
             if isinstance(msg, P.Cancel):
-                await self.on_cancel(msg)
+                with self.guard("cancel"):
+                    await self.on_cancel(msg)
             elif msg is not None:
                 self.counters["unexpected_messages"] += 1
 
@@ -177,20 +189,34 @@ class Sampler(Actor):
         while True:
             msg = await self.transport.recv(self.broadcast, "learner")
             if isinstance(msg, P.WeightsAnnounced) and msg.model == "policy":
-                await self.on_weights(msg)
+                with self.guard("weights"):  # e.g. a file that cannot be loaded: keep the old weights
+                    await self.on_weights(msg)
             elif isinstance(msg, P.Shutdown):
                 self.on_shutdown(msg)
 
     # -- handlers ----------------------------------------------------------------------------
 
+    def _invalid_work(self, work: P.PromptWork) -> str | None:
+        """Why decodable work must not be generated (the coordinator never sends such work)."""
+        limit = self.cfg.rollout.max_tokens if work.purpose == "train" else 1 << 20
+        if not 0 < work.max_tokens <= limit:
+            return f"max_tokens {work.max_tokens} not in [1, {limit}] (rollout.max_tokens for training work)"
+        if not (0.0 <= work.temperature < float("inf") and 0.0 < work.top_p <= 1.0):
+            return f"temperature {work.temperature!r} / top_p {work.top_p!r} out of range"
+        return None
+
     async def on_weights(self, msg: P.WeightsAnnounced) -> None:
         async with self.weights_lock:
-            if msg.version <= self.version:
+            if self.learner_epoch is None:
+                self.learner_epoch = msg.epoch
+            if msg.version <= self.version and msg.epoch == self.learner_epoch:
                 return  # already have it (announcements repeat for late joiners)
+            # (a restarted learner, new epoch, may go back to its checkpoint's version: follow it)
             path = Path(msg.uri.removeprefix("file://"))
             received = time.time()
             seconds = await self.engine.load_weights(path, msg.version)
             self.version = msg.version
+            self.learner_epoch = msg.epoch
             with (self.run_dir / "logs" / f"{self.name}.weights.jsonl").open("a") as f:
                 f.write(json.dumps({"version": msg.version, "received_at": received, "loaded_at": time.time(),
                                     "load_s": seconds}) + "\n")
@@ -199,6 +225,13 @@ class Sampler(Actor):
             self.version_changed.set()
             self.version_changed = asyncio.Event()
             self.log.info("policy version %d loaded in %.3fs", msg.version, seconds)
+
+    async def on_control(self, msg: P.Message) -> None:
+        """A restarted coordinator knows none of our free slots: announce them again."""
+        if isinstance(msg, ActorUp) and msg.role == "coordinator" and msg.incarnation > self.coordinator_incarnation:
+            self.coordinator_incarnation = msg.incarnation
+            if self.started.is_set():
+                await self._request_work(max(self.engine.max_concurrency - len(self.live), 0))
 
     async def on_cancel(self, msg: P.Cancel) -> None:
         req = self.live.get(msg.request_id)
@@ -215,7 +248,11 @@ class Sampler(Actor):
             self.log.warning("cancel of %s at %d but only %d tokens exist", msg.request_id, msg.stop_index, req.n)
             return
         received = time.time()
-        req.stop_index = msg.stop_index
+        # T-PPO windows: tokens already handed over in segments are committed; a stop decided
+        # inside them moves to the first token not handed over (or the last one generated).
+        req.stop_index = max(msg.stop_index, min(req.emitted, req.n - 1))
+        if req.stop_index != msg.stop_index:
+            self.counters["cancel_moved_past_segment"] += 1
         req.tokens_at_cancel = req.n
         self.counters["cancels"] += 1
         await self.engine.abort(msg.request_id)
@@ -259,6 +296,8 @@ class Sampler(Actor):
                     req.versions.append(versions)
                     req.n += n
                     self.counters["tokens_generated"] += n
+                    if self.cfg.rollout.window_tokens > 0 and chunk.finish_reason is None:
+                        await self._emit_segments(req)
                 if chunk.finish_reason is not None:
                     finish_reason = chunk.finish_reason
                     if chunk.versions is not None and len(chunk.versions) == req.n:
@@ -281,6 +320,23 @@ class Sampler(Actor):
             self.recently_ended[work.request_id] = finish_reason
             while len(self.recently_ended) > 10_000:
                 self.recently_ended.popitem(last=False)
+
+    async def _emit_segments(self, req: LiveRequest) -> None:
+        """T-PPO windows (espo_async/training/tppo.py): every W new tokens of a training rollout
+        go to the learner as an ``incomplete`` segment while the rollout keeps generating; none
+        once a stop was decided (the final trajectory then carries the rest)."""
+        w = self.cfg.rollout.window_tokens
+        while req.work.purpose == "train" and req.stop_index < 0 and req.n - req.emitted >= w:
+            start = req.emitted
+            req.emitted = start + w  # before sending: a cancel meanwhile must see it committed
+            for parts in (req.token_ids, req.logprobs, req.top1, req.versions):
+                if len(parts) > 1:
+                    parts[:] = [np.concatenate(parts)]
+            seg = segment_trajectory(req.work, req.token_ids[0], req.logprobs[0], req.top1[0], req.versions[0],
+                                     start, start + w, sampler_id=self.name, started_at=req.started_at,
+                                     ended_at=time.time())
+            await self.transport.send(self.results, seg)  # blocks while the learner is behind
+            self.counters["segments"] += 1
 
     def _wants_shadow(self, req: LiveRequest) -> bool:
         """A deterministic fraction of stopped training rollouts get a shadow continuation."""

@@ -336,6 +336,10 @@ class PPOTrainer:
         adv = compute_advantages(vals[:, :t_max], vals.gather(1, resp.lengths[:, None])[:, 0], resp.mask,
                                  resp.endings, resp.task_rewards, resp.group_ids, algo=algo,
                                  r_fail=self.cfg.stop.r_fail, max_tokens=self.cfg.rollout.max_tokens)
+        if self.cfg.rollout.window_tokens > 0:
+            # T-PPO: rows are segments; the critic trains on complete responses only, with
+            # Monte-Carlo returns, on its own schedule (training/tppo.py: train_critic_mc)
+            adv.critic_mask = torch.zeros_like(adv.critic_mask)
 
         # truncated importance weights pi_old / pi_behaviour (stale or mismatched tokens)
         blp = resp.behaviour_logprobs
