@@ -117,13 +117,13 @@ def remove_run(run_dir: Path, keep: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------ memory
-def proc_tree_memory(pid: int, pss: bool = False) -> dict[str, Any] | None:
-    """RSS (and optionally PSS) of a process and all its descendants, in bytes."""
+def proc_tree_memory(pid: int, pss: bool = False, children: bool = True) -> dict[str, Any] | None:
+    """RSS (and optionally PSS) of a process and all its descendants (or itself only), in bytes."""
     import psutil
 
     try:
         root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
+        procs = [root] + (root.children(recursive=True) if children else [])
     except psutil.Error:
         return None
     out = {"rss": 0, "self_rss": 0, "n_procs": 0, "children": {}}
@@ -165,8 +165,9 @@ def _short_name(p) -> str:
 class MemorySampler:
     """Polls a dict name -> pid (callable, re-read each time) and keeps per-name samples."""
 
-    def __init__(self, pids, interval: float = 0.25, pss_every: int = 8):
+    def __init__(self, pids, interval: float = 0.25, pss_every: int = 8, own_only: frozenset[str] = frozenset()):
         self.pids = pids
+        self.own_only = own_only  # names measured without their child processes
         self.interval = interval
         self.pss_every = pss_every
         self.samples: dict[str, list[dict[str, Any]]] = {}
@@ -179,7 +180,8 @@ class MemorySampler:
             now = time.time()
             current = dict(self.pids())
             results = await asyncio.to_thread(
-                lambda: {n: proc_tree_memory(pid, pss=with_pss) for n, pid in current.items() if pid}
+                lambda: {n: proc_tree_memory(pid, pss=with_pss, children=n not in self.own_only)
+                         for n, pid in current.items() if pid}
             )
             for name, mem in results.items():
                 if mem is not None:
@@ -227,8 +229,9 @@ async def run_system(cfg, run_dir: Path, *, timeout: float = 1800.0, memory: Mem
     sampler = None
     if memory:
         sampler = memory if isinstance(memory, MemorySampler) else MemorySampler(
-            lambda: {"supervisor": os.getpid()}  # in-process: the benchmark's own process
-            | {n: (s.proc.pid if s.proc is not None and s.proc.poll() is None else None) for n, s in sup.actors.items()})
+            lambda: {"supervisor": os.getpid()}  # in-process: the benchmark's own process (the actors are its
+            | {n: (s.proc.pid if s.proc is not None and s.proc.poll() is None else None)  # children: own_only)
+               for n, s in sup.actors.items()}, own_only=frozenset({"supervisor"}))
     t0 = time.time()
     task = asyncio.create_task(sup.run())
     if sampler is not None:

@@ -12,8 +12,8 @@ learner, pinned as there); a sampler polls every actor's process tree every 0.25
   every 8th sample: RSS counts the shared libraries (torch alone maps ~0.5 GB) once per process,
   so the sum of RSS over actors overstates what the run needs; the sum of PSS does not.
 
-The supervisor runs inside this script's process: its row is that process (supervisor plus the
-benchmark's own bookkeeping, an upper bound).
+The supervisor runs inside this script's process: its row is that process alone (supervisor plus
+the benchmark's own bookkeeping, an upper bound), without the actors it started.
 """
 
 from __future__ import annotations

@@ -1,0 +1,73 @@
+"""How many rollout tokens could early stopping save on this task at most?
+
+    python experiments/token_ceiling.py runs/evidence/ppo/seed-0 runs/evidence/espo/seed-0
+
+For each run folder: every training trajectory the learner received (learner/trajectories.log),
+scored with the run's task. A stop can only save tokens of rollouts that fail, and only those
+generated after the stop, so the share of all tokens that sit in wrong rollouts is a hard upper
+bound of the saving (reached only by stopping every wrong rollout at its first token). Also: how
+long wrong and correct rollouts are, and for a run with stopping, how many rollouts were absorbed
+and at what length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actors.reward import TaskReward  # noqa: E402
+from espo_async.config import parse_config  # noqa: E402
+from espo_async.runtime.trajectory_log import replay  # noqa: E402
+from espo_async.tasks.registry import make_task  # noqa: E402
+
+
+def analyse(run_dir: Path) -> dict:
+    cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    reward = TaskReward(make_task(cfg.task.name, **cfg.task.options))
+    trajs = [t for t in replay(run_dir / "learner" / "trajectories.log") if t.purpose == "train"]
+    if not trajs:
+        raise SystemExit(f"{run_dir}: no training trajectories in learner/trajectories.log")
+    ok = np.array([reward(t.prompt_id, t.text) == 1.0 for t in trajs])
+    length = np.array([len(t.token_ids) for t in trajs], dtype=float)
+    absorbed = np.array([t.ending == "absorbed" for t in trajs])
+    return {
+        "run": str(run_dir),
+        "rollouts": len(trajs),
+        "wrong_fraction": float(1 - ok.mean()),
+        "tokens": int(length.sum()),
+        "token_share_of_wrong_rollouts": float(length[~ok].sum() / length.sum()),
+        "mean_length_correct": float(length[ok].mean()) if ok.any() else None,
+        "mean_length_wrong": float(length[~ok].mean()) if (~ok).any() else None,
+        "absorbed_fraction": float(absorbed.mean()),
+        "mean_length_absorbed": float(length[absorbed].mean()) if absorbed.any() else None,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    rows = [analyse(r) for r in args.runs]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'run':40s} {'rollouts':>8s} {'wrong':>6s} {'tokens in wrong':>15s} {'len ok':>7s} {'len wrong':>9s}"
+          f" {'absorbed':>8s} {'len absorbed':>12s}")
+    for r in rows:
+        la = "-" if r["mean_length_absorbed"] is None else f"{r['mean_length_absorbed']:.1f}"
+        print(f"{r['run'][-40:]:40s} {r['rollouts']:8d} {r['wrong_fraction']:6.3f} {r['token_share_of_wrong_rollouts']:15.3f}"
+              f" {r['mean_length_correct'] or float('nan'):7.1f} {r['mean_length_wrong'] or float('nan'):9.1f}"
+              f" {r['absorbed_fraction']:8.3f} {la:>12s}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
