@@ -67,6 +67,18 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "regret_only": ("regret-only stop", {"stop": {"policy": "regret_only"}}),
     "espo_no_warmup": ("ESPO, no warm-up", {"stop": {"policy": "espo", "warmup": {"enabled": False}}}),
     "espo_no_penalty": ("ESPO, no terminal penalty", {"stop": {"policy": "espo", "r_fail": 0.0}}),
+    # T-PPO (windows of W = 16 of T_max = 64 tokens, like the paper's 8K of 24K): a step trains on
+    # 64 rows of at most 16 tokens, so compare on the accuracy-vs-tokens curve.
+    "tppo": (
+        "T-PPO (16-token windows)",
+        {"rollout": {"window_tokens": 16}, "stop": {"policy": "none", "shadow_fraction": 0.0}, "actors": {"stopper": None}},
+    ),
+    "espo_tppo": ("ESPO + T-PPO windows", {"rollout": {"window_tokens": 16}, "stop": {"policy": "espo"}}),
+    "entropy_is": (
+        "entropy-grouped IS loss (GRPO advantages)",
+        {"stop": {"policy": "none", "shadow_fraction": 0.0}, "algo": {"advantage": "grpo", "policy_loss": "entropy_is"},
+         **NO_CRITIC},
+    ),
 }
 
 FAKE_ACTORS = {
@@ -147,8 +159,10 @@ def run_result(run_dir: Path) -> dict:
     shadows = read_jsonl(run_dir / "shadow.jsonl")
     wall = json.loads((run_dir / "wallclock.json").read_text()) if (run_dir / "wallclock.json").is_file() else {}
     cum = {0: 0.0, **{r["step"]: r.get("cumulative_tokens", 0.0) for r in rows}}
-    n = sum(r.get("n_samples", 0) for r in rows)
-    stopped = sum(r.get("stop_rate", 0) * r.get("n_samples", 0) for r in rows)
+    # rollouts that ended in the step (in T-PPO window mode n_samples counts window rows)
+    ended = [r.get("window_finals", r.get("n_samples", 0)) for r in rows]
+    n = sum(ended)
+    stopped = sum(r.get("stop_rate", 0) * e for r, e in zip(rows, ended) if e and not math.isnan(r.get("stop_rate", 0)))
     return {
         "final_accuracy": evals[-1]["accuracy"] if evals else math.nan,
         "initial_accuracy": evals[0]["accuracy"] if evals else math.nan,
