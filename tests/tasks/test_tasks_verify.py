@@ -180,6 +180,7 @@ def test_worker_process_lifecycle(monkeypatch):
     proc.wait()
     assert math_verify_equal("3x", "x+2x") is True
     # 3. the hard limit: this passes the guard, but sympy expands 2^11 terms for seconds
+    default_timeout = verify_mod.HARD_TIMEOUT_S
     monkeypatch.setattr(verify_mod, "HARD_TIMEOUT_S", 0.5)
     slow = "(a+b)(c+d)(e+f)(g+h)(k+l)(m+n)(o+p)(q+r)(s+t)(u+v)(w+z)"
     assert is_sympy_safe(slow)
@@ -188,7 +189,10 @@ def test_worker_process_lifecycle(monkeypatch):
     assert not answers_match("x^2+1", slow)
     assert time.perf_counter() - t0 < 0.5 + 1.5
     assert worker.restarts == restarts + 1 and worker._proc is None
-    assert answers_match("x^2+1", "x^2+2-1")  # a fresh worker answers again
+    # a fresh worker answers again (with the default limit: starting one on a loaded machine can
+    # take longer than the 0.5 s above)
+    monkeypatch.setattr(verify_mod, "HARD_TIMEOUT_S", default_timeout)
+    assert answers_match("x^2+1", "x^2+2-1")
 
 
 @needs_mv
@@ -229,7 +233,7 @@ def test_never_raises_on_garbage(gold, pred):
     assert answers_match(gold, pred) in (True, False)
     assert extract_final_answer(pred) is None or isinstance(extract_final_answer(pred), str)
     assert answers_match(gold, extract_final_answer("\\boxed{" + pred + "}")) in (True, False)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 10.0  # never hangs (a worker restart on a loaded machine takes seconds)
 
 
 # -- threads, asyncio, signals ---------------------------------------------------------------------
