@@ -5,6 +5,12 @@
     python run.py --config configs/fake.yaml --set run.total_steps=3 --set stop.policy=none
     python run.py --explain-config                      # every option, its default, what it does
 
+Several hosts (docs/cluster.md): the head host starts some roles and writes ``join.json`` in its
+run folder; every other host joins with it and starts its own roles under its own supervisor:
+
+    python run.py --config configs/X.yaml --roles coordinator,learner,stopper,critic   # head
+    python run.py --join HEAD_RUN_DIR/join.json --roles sampler --host-name gpu-3       # any host
+
 The run folder (``<run.output_dir>/<run.name>-<timestamp>`` unless ``--run-dir``) receives the
 validated config, the logs of every actor, metrics.jsonl, TensorBoard events, checkpoints and
 the final model. Re-running with the same ``--run-dir`` resumes from its last checkpoint.
@@ -15,15 +21,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
+import socket
 import sys
 import time
 from pathlib import Path
 
-from espo_async.config import ConfigError, explain, load_config
+from espo_async.config import ROLES, ConfigError, apply_override, explain, load_config, parse_config
 from espo_async.runtime.entry import validate_actors
 
 
-def summarize(run_dir: Path) -> str:
+def summarize(run_dir: Path, *, learner_here: bool = True) -> str:
     from espo_async.runtime.metrics import read_metrics
 
     rows = read_metrics(run_dir)
@@ -49,14 +57,41 @@ def summarize(run_dir: Path) -> str:
             f"last step: reward {last.get('reward', float('nan')):.3f}, accuracy {last.get('accuracy', float('nan')):.3f}, "
             f"beta {last.get('beta', float('nan')):.2f}",
         ]
-    lines += [
-        f"metrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})",
-        f"logs: {run_dir / 'logs'}",
-    ]
+    if learner_here:
+        lines.append(f"metrics: {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
+    else:
+        lines.append("no learner on this host: metrics, checkpoints and the final model are in its host's run folder")
+    lines.append(f"logs: {run_dir / 'logs'}")
     plots = sorted(run_dir.glob("plots/*.png"))
     if plots:
         lines.append(f"plots: {', '.join(str(p) for p in plots)}")
     return "\n".join(lines)
+
+
+def parse_roles(text: str) -> list[str]:
+    roles = [r.strip() for r in text.split(",") if r.strip()]
+    bad = [r for r in roles if r not in ROLES]
+    if not roles or bad:
+        raise ConfigError(f"--roles {text!r}: roles are a comma-separated subset of {', '.join(ROLES)}")
+    return roles
+
+
+def read_join_file(path: Path) -> dict:
+    """The head's join.json (or the head's run folder holding it)."""
+    if path.is_dir():
+        path = path / "join.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--join {path}: cannot read the head's join file ({exc})") from None
+    if not (isinstance(data, dict) and isinstance(data.get("addresses"), dict) and isinstance(data.get("config"), dict)):
+        raise ConfigError(f"--join {path}: not a join file (addresses and config) written by the head's run.py")
+    return data
+
+
+def default_host_name() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname().split(".")[0]).strip("-._")[:63]
+    return name or "host"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,27 +101,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="run folder (resumes if it holds a checkpoint)")
     parser.add_argument("--explain-config", action="store_true", help="print every option and exit")
     parser.add_argument("--check", action="store_true", help="validate the config and actor classes, then exit")
+    parser.add_argument("--roles", metavar="ROLE[,ROLE]", help="start only these roles on this host (cluster.roles)")
+    parser.add_argument("--join", type=Path, metavar="JOIN.json",
+                        help="join the run whose head wrote this file (HEAD_RUN_DIR/join.json): its config and addresses")
+    parser.add_argument("--host-name", help="this host's name in the run (cluster.host_name; default with --join: hostname)")
     args = parser.parse_args(argv)
 
     if args.explain_config:
         print("\n".join(explain()))
         return 0
-    if args.config is None:
-        parser.error("--config is required")
+    if args.config is None and args.join is None:
+        parser.error("--config is required (or --join)")
+    if args.config is not None and args.join is not None:
+        parser.error("--join takes the head's config from the join file: change it with --set, not --config")
+    if args.join is not None and args.roles is None:
+        parser.error("--join needs --roles (e.g. --roles sampler)")
+    joined = None
     try:
-        cfg = load_config(args.config, args.set)
+        extra = list(args.set)
+        if args.roles is not None:
+            extra.append(f"cluster.roles=[{','.join(parse_roles(args.roles))}]")
+        host_name = args.host_name if args.host_name is not None else (default_host_name() if args.join else None)
+        if host_name is not None:
+            extra.append(f"cluster.host_name={json.dumps(host_name)}")
+        if args.join is not None:
+            joined = read_join_file(args.join)
+            data = joined["config"]
+            for item in extra:
+                apply_override(data, item)
+            cfg = parse_config(data, source=str(args.join))
+        else:
+            cfg = load_config(args.config, extra)
         validate_actors(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        print(f"{args.config}: OK")
+        print(f"{args.join or args.config}: OK")
         return 0
 
-    run_dir = args.run_dir or Path(cfg.run.output_dir) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    host = f"-{cfg.cluster.host_name}" if joined is not None else ""
+    run_dir = args.run_dir or Path(cfg.run.output_dir) / f"{cfg.run.name}{host}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir = run_dir.resolve()
     print(f"[espo] run folder: {run_dir}", flush=True)
+    if joined is not None:
+        print(f"[espo] joining the run of {joined.get('run_dir', args.join)} with roles "
+              f"{', '.join(cfg.cluster.roles or [])} as host {cfg.cluster.host_name!r}", flush=True)
+    elif cfg.transport.kind == "tcp":
+        print(f"[espo] other hosts join with: python run.py --join {run_dir / 'join.json'} --roles sampler "
+              "--host-name NAME", flush=True)
 
     from espo_async.assets import prepare_assets
     from espo_async.runtime.supervisor import Supervisor
@@ -94,7 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     prepare_assets(cfg, run_dir, log=lambda msg: print(f"[espo] {msg}", flush=True))
     print(f"[espo] assets ready in {time.time() - t0:.1f}s; starting actors", flush=True)
-    supervisor = Supervisor(cfg, run_dir)
+    try:
+        if joined is not None:
+            from espo_async.runtime.transport import joined_addresses
+
+            addresses = joined_addresses(joined["addresses"], str(run_dir))
+            supervisor = Supervisor(cfg, run_dir, addresses=addresses, joining=True)
+        else:
+            supervisor = Supervisor(cfg, run_dir)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         import uvloop
 
@@ -105,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from espo_async.report import plot_run
 
-        plot_run(run_dir)
+        if cfg.cluster.runs("learner"):  # metrics are written on the learner's host
+            plot_run(run_dir)
     except Exception as exc:  # plots are a convenience; never hide the run's result behind them
         print(f"[espo] could not draw plots: {exc}", file=sys.stderr)
-    print(summarize(run_dir))
+    print(summarize(run_dir, learner_here=cfg.cluster.runs("learner")))
     return result.exit_code
 
 

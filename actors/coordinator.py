@@ -19,12 +19,25 @@
   back. The learner deduplicates by (prompt, sample), so a re-issue never trains twice.
 * A (re)started coordinator hands out no training work before it heard the learner, and then
   continues the group numbering and the dataset order at the learner's consumed-group count.
+* Samplers on other hosts (docs/cluster.md) have no supervisor that would tell this one about
+  their loss. They say they are alive on the work socket (a 0-slot ``WorkRequest`` every
+  ``transport.heartbeat_interval_s``) and name their process in every request: ``sampler_id`` =
+  ``<name>#<session>``, ``<name>#<session>#hello`` on its first request, ``...#slots`` on an
+  answer to "how many slots are free?". One silent for ``transport.heartbeat_timeout_s`` is lost
+  exactly as on ``ActorDown`` (``samplers_silent``); a new session under a known name is a
+  restart: the old process's work is issued again (``samplers_restarted``). A sampler whose
+  session is unknown here without a hello (this coordinator restarted, or it had called the
+  sampler lost) is asked for its free slots with an ``ActorDown`` naming it on the work socket
+  (``samplers_asked_for_slots``); until the answer arrives it gets no work and its requests'
+  slots are not counted (the answer, sent after them on the same ordered pipe, counts them), and
+  the answer sets its credit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -80,6 +93,10 @@ class Coordinator(Actor):
         self.learner_epoch: str | None = None  # None until the first BatchBoundary arrived
         self.recently_acked: OrderedDict[str, None] = OrderedDict()
         self.losses_seen: set[tuple[str, int]] = set()  # (actor, incarnation) of ActorDown handled
+        # Samplers on other hosts: when each was last heard (liveness), and its process's session.
+        self.alive: dict[bytes, float] = {}
+        self.sessions: dict[bytes, str] = {}
+        self.asked: dict[bytes, float] = {}  # asked for their free slots (when), no answer yet
         self.delivered = 0
 
     def heartbeat_counters(self) -> dict[str, float]:
@@ -90,11 +107,18 @@ class Coordinator(Actor):
         out["learner_version"] = float(self.learner_version)
         out["epoch"] = float(self.epoch)
         out["unacknowledged"] = float(self.delivered)
+        out["samplers_with_credit"] = float(sum(1 for c in self.credits.values() if c > 0))
+        out["samplers_remote_alive"] = float(len(self.alive))
+        owned: dict[bytes, int] = {}
+        for o in self.outstanding.values():  # per sampler: work it holds (in flight or unacknowledged)
+            owned[o.sampler] = owned.get(o.sampler, 0) + 1
+        for ident, n in owned.items():
+            out[f"owned.{ident.decode(errors='replace')[:100]}"] = float(n)
         return out
 
     async def main(self) -> None:
         await self.started.wait()
-        await asyncio.gather(self._work_loop(), self._broadcast_loop())
+        await asyncio.gather(self._work_loop(), self._broadcast_loop(), self._liveness_loop())
 
     # -- dataset -----------------------------------------------------------------------------
 
@@ -192,12 +216,85 @@ class Coordinator(Actor):
             self.log.warning("issuing %d request(s) again: %s", len(lost), why)
         return len(lost)
 
+    def _lose_sampler(self, ident: bytes, why: str) -> int:
+        """A sampler is gone: its credit is void, everything it holds is issued again."""
+        self.credits.pop(ident, None)
+        self.counters["samplers_lost"] += 1
+        return self._reissue(lambda o: o.sampler == ident, why)
+
+    def _remote_request(self, ident: bytes, msg: P.WorkRequest) -> int | None:
+        """A work request from a sampler on another host (``sampler_id`` = ``name#session[#tag]``).
+        Returns the slots to add to its credit, or None when its credit was set here."""
+        name, _, rest = msg.sampler_id.partition("#")
+        session, _, tag = rest.partition("#")
+        known = self.sessions.get(ident)
+        self.sessions[ident] = session
+        if known is not None and known != session:
+            # A new process under that name: the old one is gone, and so is its work.
+            self.counters["samplers_restarted"] += 1
+            self._lose_sampler(ident, f"{name[:100]} restarted (new process) or another process uses its name")
+            self.asked.pop(ident, None)
+        if tag == "hello":  # a new process: its first request holds all its free slots
+            self.asked.pop(ident, None)
+            self.credits[ident] = 0
+            return msg.free_slots
+        if known != session:
+            self._ask_slots(ident)  # alive, but its free slots are unknown here
+            return 0
+        if ident in self.asked:
+            if tag == "slots":
+                del self.asked[ident]
+                self.credits[ident] = min(msg.free_slots, MAX_CREDITS)
+                return None
+            if time.monotonic() - self.asked[ident] > 2 * self.cfg.transport.heartbeat_interval_s:
+                self._ask_slots(ident)  # the question or its answer got lost: ask again
+            return 0  # counted by the answer, which comes after this on the same pipe
+        if tag == "slots":  # an answer we no longer wait for (asked twice): already counted
+            self.counters["slot_answers_ignored"] += 1
+            return 0
+        return msg.free_slots
+
+    def _ask_slots(self, ident: bytes) -> None:
+        self.counters["samplers_asked_for_slots"] += 1
+        self.credits[ident] = 0
+        asked = self.transport.send_to(
+            self.work_sock, ident,
+            ActorDown(actor=ident.decode(errors="replace"), role="sampler", incarnation=0,
+                      reason="the coordinator does not know this sampler's free slots"),
+        )
+        if asked:
+            self.asked[ident] = time.monotonic()
+        else:
+            self.sessions.pop(ident, None)  # unroutable: ask on its next request
+
+    async def _liveness_loop(self) -> None:
+        """Samplers on other hosts that were silent for transport.heartbeat_timeout_s are lost."""
+        tcfg = self.cfg.transport
+        while True:
+            await asyncio.sleep(min(tcfg.heartbeat_interval_s, tcfg.heartbeat_timeout_s / 4))  # periodic check
+            now = time.monotonic()
+            for ident in [i for i, t in self.alive.items() if now - t > tcfg.heartbeat_timeout_s]:
+                silent = now - self.alive.pop(ident)
+                self.sessions.pop(ident, None)
+                self.asked.pop(ident, None)
+                self.counters["samplers_silent"] += 1
+                name = ident.decode(errors="replace")[:100]
+                self.log.warning("sampler %s was silent for %.1fs (transport.heartbeat_timeout_s=%g): lost",
+                                 name, silent, tcfg.heartbeat_timeout_s)
+                with self.guard("silent sampler"):
+                    self._lose_sampler(ident, f"{name} was silent for {silent:.1f}s")
+            self._dispatch()
+
     async def _work_loop(self) -> None:
         while True:
             ident, msg = await self.transport.recv_routed(self.work_sock, "samplers")
             with self.guard(type(msg).__name__):
+                if msg is not None and (ident in self.alive or (
+                        isinstance(msg, P.WorkRequest) and "#" in msg.sampler_id)):
+                    self.alive[ident] = time.monotonic()  # a sampler on another host is alive
                 if isinstance(msg, P.WorkRequest):
-                    credit = self.credits.get(ident, 0) + msg.free_slots
+                    slots = self._remote_request(ident, msg) if "#" in msg.sampler_id else msg.free_slots
+                    credit = self.credits.get(ident, 0) + (slots or 0)
                     if credit > MAX_CREDITS:
                         self.counters["credits_capped"] += 1
                         self.log.warning("%r claims %d free slots; capped at %d", ident[:64], credit, MAX_CREDITS)
@@ -306,9 +403,7 @@ class Coordinator(Actor):
                 return  # repeated while it is down
             self.losses_seen.add(key)
             ident = msg.actor.encode()
-            self.credits.pop(ident, None)
-            self.counters["samplers_lost"] += 1
-            self._reissue(lambda o: o.sampler == ident, f"{msg.actor} was lost ({msg.reason})")
+            self._lose_sampler(ident, f"{msg.actor} was lost ({msg.reason})")
             self._dispatch()
 
     async def _broadcast_loop(self) -> None:

@@ -387,6 +387,10 @@ class Learner(Actor):
                 self.log.info("waiting for %d evaluation round(s)", len(pending))
                 await asyncio.gather(*pending)
             await asyncio.to_thread(self._finish_run)
+            # Every actor and every host's supervisor hears that training is over (hosts without
+            # the learner end their runs on it: docs/cluster.md). Repeated: PUB/SUB may drop one.
+            for _ in range(3):
+                self.transport.try_send(self.pub, P.Shutdown(reason="training finished", source="learner"))
             # Returning ends this process with code 0; the supervisor then stops everyone else.
         finally:
             intake.cancel()

@@ -212,8 +212,20 @@ class ActorSpec(_Section):
         None, description="Pin the process(es) to these CPU ids (Linux); null: any CPU. vLLM binds its threads to them."
     )
     options: dict[str, Any] = Field(default_factory=dict, description="Passed to the actor class (validated there).")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables of this role's processes, e.g. {CUDA_VISIBLE_DEVICES: '1'} (which GPUs it sees).",
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_strings(cls, v: Any) -> Any:
+        """``CUDA_VISIBLE_DEVICES: 1`` (YAML reads a number) is the string '1'."""
+        if isinstance(v, dict):
+            return {k: str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for k, x in v.items()}
+        return v
 
     @field_validator("cls")
     @classmethod
@@ -326,6 +338,52 @@ class TransportConfig(_Section):
         return self
 
 
+Role = Literal["coordinator", "learner", "stopper", "critic", "sampler"]
+ROLES: tuple[str, ...] = ("coordinator", "learner", "stopper", "critic", "sampler")
+
+
+class ClusterConfig(_Section):
+    """Several hosts, one run (docs/cluster.md). Each host runs ``run.py`` with its own supervisor
+    for the roles it starts; the head host's ``join.json`` (addresses and config) lets others join."""
+
+    roles: list[Role] | None = Field(
+        None, description="Roles this host starts (null: all). E.g. [sampler] on a sampler host (run.py --roles)."
+    )
+    host_name: str = Field(
+        "",
+        description="This host's name in the run (run.py --host-name): its samplers are named sampler-<i>@<host_name>. "
+        "Must differ between hosts that run samplers; '' on the head (plain sampler-<i>).",
+    )
+    role_hosts: dict[Role, str] = Field(
+        default_factory=dict,
+        description="Address whose interface a role's bound endpoints use when that role runs on another host than "
+        "transport.host (e.g. {learner: 10.0.0.2}); needs transport.kind tcp and a fixed transport.base_port.",
+    )
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("roles must name at least one role (null: all roles)")
+            if len(set(v)) != len(v):
+                raise ValueError(f"roles lists a role twice: {v}")
+        return v
+
+    @field_validator("host_name")
+    @classmethod
+    def _host_name(cls, v: str) -> str:
+        import re
+
+        if v and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v):
+            raise ValueError(f"host_name {v!r}: use letters, digits, '_', '.', '-' (at most 63, no '/', '#', '@')")
+        return v
+
+    def runs(self, role: str) -> bool:
+        """Whether this host starts ``role``."""
+        return self.roles is None or role in self.roles
+
+
 class RunConfig(_Section):
     name: str = Field("run", description="Run name; the output folder is <output_dir>/<name>-<timestamp>.")
     output_dir: str = Field("runs", description="Where run folders go (ignored by git).")
@@ -348,9 +406,28 @@ class Config(_Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     actors: ActorsConfig = ActorsConfig()
     transport: TransportConfig = TransportConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> Config:
+        for role in self.cluster.roles or ():
+            if role in ("stopper", "critic") and getattr(self.actors, role) is None:
+                raise ValueError(f"cluster.roles names {role!r} but actors.{role} is null")
+        t = self.transport
+        elsewhere = {r: h for r, h in self.cluster.role_hosts.items() if h != t.host}
+        if elsewhere and t.kind != "tcp":
+            raise ValueError(f"cluster.role_hosts places {sorted(elsewhere)} on other hosts: needs transport.kind tcp")
+        if elsewhere and not t.base_port:
+            raise ValueError(
+                f"cluster.role_hosts places {sorted(elsewhere)} on other hosts: set transport.base_port "
+                "(free ports can only be found on the head host)"
+            )
+        for role, host in elsewhere.items():
+            if not is_loopback_host(host) and not t.curve.enabled and not t.allow_insecure:
+                raise ValueError(
+                    f"cluster.role_hosts.{role} {host!r} is not a loopback address and transport.curve.enabled is "
+                    "false: enable CURVE (python -m espo_async.runtime.keys gen DIR) or set transport.allow_insecure"
+                )
         if self.stop.policy != "none" and self.actors.stopper is None:
             raise ValueError(f"stop.policy is '{self.stop.policy}' but actors.stopper is null: set stop.policy: none")
         if self.stop.policy in ("espo", "value_only") and self.actors.critic is None:

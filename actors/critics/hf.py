@@ -81,6 +81,7 @@ class HFValueOptions(BaseModel):
     lazy: bool = Field(True, description="With value_interval > 1, run the model only when a needed value arrives.")
     keep_cache_on_update: bool = Field(
         False, description="Keep KV caches across weight updates (faster, but no longer the learner's exact values).")
+    device: str = Field("cpu", description="Where the value model runs: 'cpu', 'cuda' or 'cuda:N' (untested on GPU here).")
 
 
 @dataclass
@@ -319,9 +320,10 @@ class HFCritic(Critic):
     OPTIONS = HFValueOptions
 
     def make_value_model(self) -> HFValueModel:
+        options = HFValueOptions(**self.options)
         return HFValueModel(
-            self.assets.critic_dir, HFValueOptions(**self.options), seed=int(self.cfg.run.seed),
-            value_interval=int(self.interval),
+            self.assets.critic_dir, options, seed=int(self.cfg.run.seed),
+            value_interval=int(self.interval), device=options.device,
         )
 
     def heartbeat_counters(self) -> dict[str, float]:

@@ -11,6 +11,14 @@ One class serves every engine: ``FakeSampler`` and ``VLLMSampler`` differ only i
 * on a cancel, aborts the engine request, keeps tokens ``0..stop_index`` and marks the
   trajectory absorbed; a cancel for a request that already ended is counted and ignored;
 * loads new weights announced by the learner without restarting the engine.
+
+On a host that does not run the coordinator (``cluster.roles``; docs/cluster.md) nobody tells
+the coordinator when this process dies, so the sampler also says it is alive on the work socket
+itself: a ``WorkRequest`` for 0 slots every ``transport.heartbeat_interval_s``, with its
+``sampler_id`` as ``<name>#<session>`` (one session per process, so a restart under the same
+name is seen; ``#hello`` is appended on the process's first request). A coordinator that does
+not know it (it restarted, or it called this sampler lost after ``transport.heartbeat_timeout_s``
+of silence) sends ``ActorDown`` naming it; the sampler answers with its free slots (``#slots``).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -33,7 +42,7 @@ from espo_async.assets import load_assets
 from espo_async.runtime.actor import Actor
 from espo_async.training.tppo import segment_trajectory
 from espo_async.utils import stable_seed
-from protocols.messages import ActorUp
+from protocols.messages import ActorDown, ActorUp
 
 
 @dataclass
@@ -125,13 +134,18 @@ class Sampler(Actor):
         if self.cfg.actors.critic is not None:
             self.streams.append(t.socket(zmq.PUSH, "critic_stream", bind=False))
         self.weights_lock = asyncio.Lock()
+        # No supervisor of ours reports to the coordinator: keep it informed on the work socket.
+        self.remote = not self.cfg.cluster.runs("coordinator")
+        self.session = f"{os.getpid():x}-{time.time_ns():x}"
         self.engine = self.make_engine()
         await self.engine.start()
 
     async def main(self) -> None:
         await self.started.wait()
         loops = [self._work_loop(), self._cancel_loop(), self._broadcast_loop()]
-        await self._request_work(self.engine.max_concurrency)
+        await self._request_work(self.engine.max_concurrency, tag="hello")
+        if self.remote:
+            loops.append(self._alive_loop())
         await asyncio.gather(*loops)
 
     async def teardown(self) -> None:
@@ -152,17 +166,42 @@ class Sampler(Actor):
 
     # -- loops -------------------------------------------------------------------------------
 
-    async def _request_work(self, slots: int) -> None:
+    @property
+    def work_id(self) -> str:
+        """``sampler_id`` of this process's work requests (with its session on a remote host)."""
+        return f"{self.name}#{self.session}" if self.remote else self.name
+
+    async def _request_work(self, slots: int, tag: str = "") -> None:
+        sampler_id = f"{self.work_id}#{tag}" if tag and self.remote else self.work_id
         await self.transport.send(
-            self.work, P.WorkRequest(sampler_id=self.name, free_slots=slots, policy_version=self.version)
+            self.work, P.WorkRequest(sampler_id=sampler_id, free_slots=slots, policy_version=self.version)
         )
+
+    async def _alive_loop(self) -> None:
+        """Remote host: a 0-slot work request every heartbeat interval (the coordinator's liveness)."""
+        while True:
+            await asyncio.sleep(self.cfg.transport.heartbeat_interval_s)  # periodic timer
+            alive = P.WorkRequest(sampler_id=self.work_id, free_slots=0, policy_version=self.version)
+            self.transport.try_send(self.work, alive, counter="alive_dropped")
+
+    async def _announce_again(self, msg: ActorDown) -> None:
+        """The coordinator does not know our free slots (it restarted, or it gave us up for lost
+        and issued our work again): tell it. Requests still live here finish as usual; each frees
+        its slot with the usual request for 1."""
+        self.counters["coordinator_resyncs"] += 1
+        free = max(self.engine.max_concurrency - len(self.live), 0)
+        self.log.warning("the coordinator asked for our free slots again (%s): announcing %d", msg.reason[:200], free)
+        await self._request_work(free, tag="slots")
 
     async def _work_loop(self) -> None:
         while True:
             msg = await self.transport.recv(self.work, "coordinator")
             if isinstance(msg, P.PromptWork):
                 if msg.request_id in self.live:
+                    # Issued again while its first attempt still runs here (this host was cut off
+                    # and came back): the running attempt answers for it; the slot goes back.
                     self.counters["duplicate_work"] += 1
+                    await self._request_work(1)
                     continue
                 problem = self._invalid_work(msg)
                 if problem is not None:  # never generate it; give the slot back
@@ -173,6 +212,9 @@ class Sampler(Actor):
                 task = asyncio.create_task(self._serve(msg), name=msg.request_id)
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
+            elif isinstance(msg, ActorDown) and self.remote and msg.actor == self.name:
+                with self.guard("resync"):
+                    await self._announce_again(msg)
             elif msg is not None:
                 self.counters["unexpected_messages"] += 1
 

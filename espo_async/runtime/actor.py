@@ -97,7 +97,8 @@ class Actor:
             self.log.exception("error while handling %s (ignored)", what)
 
     def on_shutdown(self, msg: P.Shutdown) -> None:
-        self.log.info("shutdown requested by %s: %s", msg.source or "?", msg.reason)
+        if not self.stop_event.is_set():  # (repeated: supervisor and learner both send it)
+            self.log.info("shutdown requested by %s: %s", msg.source or "?", msg.reason)
         self.request_stop()
 
     async def on_control(self, msg: P.Message) -> None:

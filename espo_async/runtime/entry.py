@@ -35,20 +35,27 @@ def import_class(path: str) -> type:
         raise ImportError(f"module {module_name!r} has no class {attr!r} (from {path!r})") from None
 
 
-def actor_instances(config: Config) -> list[tuple[str, str, int]]:
-    """(name, role, index) of every actor process of a run, in start order."""
+def sampler_name(index: int, host_name: str = "") -> str:
+    """``sampler-<i>``, or ``sampler-<i>@<host>`` on a host with a name (unique across hosts)."""
+    return f"sampler-{index}@{host_name}" if host_name else f"sampler-{index}"
+
+
+def actor_instances(config: Config, *, local: bool = False) -> list[tuple[str, str, int]]:
+    """(name, role, index) of every actor process of a run, in start order; ``local``: only the
+    roles this host starts (``cluster.roles``)."""
     out = []
     for role in ("learner", "stopper", "critic", "coordinator", "sampler"):
         spec = getattr(config.actors, role)
-        if spec is None:
+        if spec is None or (local and not config.cluster.runs(role)):
             continue
         for i in range(spec.count):
-            out.append((f"{role}-{i}" if role == "sampler" else role, role, i))
+            out.append((sampler_name(i, config.cluster.host_name) if role == "sampler" else role, role, i))
     return out
 
 
 def validate_actors(cfg: Config) -> None:
-    """Import every configured actor class, validate its options and the task's (fail before starting)."""
+    """Import every configured actor class this host starts (``cluster.roles``), validate its
+    options and the task's (fail before starting)."""
     from pydantic import ValidationError
 
     from espo_async.config import ConfigError
@@ -57,7 +64,7 @@ def validate_actors(cfg: Config) -> None:
     errors = []
     for role in ("coordinator", "sampler", "critic", "stopper", "learner"):
         spec = getattr(cfg.actors, role)
-        if spec is None:
+        if spec is None or not cfg.cluster.runs(role):
             continue
         try:
             cls = import_class(spec.cls)

@@ -11,6 +11,14 @@ work again. A loss before the run started, a loss beyond the restart budget, or 
 ``transport.restart_actors: false`` ends the run. The learner exiting with code 0 ends the run
 (training finished).
 
+Several hosts (docs/cluster.md): each host runs its own supervisor for the roles it starts
+(``cluster.roles``) and restarts only those. A supervisor whose host does not run the learner
+ends its run when the learner says training is over (``Shutdown`` from ``learner`` on its
+broadcast, which every supervisor subscribes to), or when the learner, after its last step, has
+been silent for ``transport.startup_timeout_s`` (time enough for a learner restart). The head
+host (the one that does not join) writes ``join.json`` (addresses and config) for the others
+(``run.py --join``).
+
 No process of the run outlives the supervisor: each actor leads its own process group (so
 terminal Ctrl-C reaches only the supervisor, and engine subprocesses are killed with their
 actor), and the kernel sends SIGTERM to an actor whose supervisor dies (PR_SET_PDEATHSIG).
@@ -38,12 +46,13 @@ import zmq
 import protocols as P
 from espo_async.config import Config
 from espo_async.runtime.entry import actor_instances, validate_actors
-from espo_async.runtime.transport import Transport, cleanup_ipc, resolve_addresses
+from espo_async.runtime.transport import Transport, cleanup_ipc, is_local_address, resolve_addresses
 from protocols.messages import ActorDown, ActorUp
 
 log = logging.getLogger("espo.supervisor")
 
 MAX_BACKOFF_S = 60.0
+CLEAN_EXIT_GRACE_S = 2.0  # an actor that exited with code 0 is called lost only after this
 UP_REPEATS = 6  # ActorUp is re-sent on this many watch ticks (PUB/SUB may drop one)
 
 
@@ -62,6 +71,7 @@ class ActorState:
     spawned_at: float = 0.0
     down_reason: str = ""
     up_repeats: int = 0  # ActorUp messages still to send
+    clean_exit_at: float | None = None  # when its exit with code 0 was first seen (grace)
     beats: int = 0  # heartbeats received from it (all incarnations)
 
 
@@ -112,6 +122,7 @@ class Supervisor:
         addresses: dict[str, str] | None = None,
         env: dict[str, str] | None = None,
         progress: bool | None = None,
+        joining: bool = False,
     ):
         validate_actors(config)  # fail here, naming the key, not in a child process later
         self.cfg = config
@@ -120,13 +131,18 @@ class Supervisor:
         (self.run_dir / "logs").mkdir(exist_ok=True)
         tcfg = config.transport
         self.addresses = addresses or resolve_addresses(
-            tcfg.kind, str(self.run_dir.resolve()), host=tcfg.host, base_port=tcfg.base_port
+            tcfg.kind, str(self.run_dir.resolve()), host=tcfg.host, base_port=tcfg.base_port,
+            role_hosts=dict(config.cluster.role_hosts),
         )
+        #: This host joins a run another host (the head) started: no join.json, actors rejoin.
+        self.joining = joining
         self.env = dict(env or {})
         self.progress = config.run.progress if progress is None else progress
         self.actors: dict[str, ActorState] = {
-            name: ActorState(name, role) for name, role, _ in actor_instances(config)
+            name: ActorState(name, role) for name, role, _ in actor_instances(config, local=True)
         }
+        if not self.actors:
+            raise ValueError(f"cluster.roles {config.cluster.roles} names no configured actor: nothing to start")
         self.started = False
         self.changed = asyncio.Event()  # pulses whenever an actor's state changes (for tests)
         self.events: list[Event] = []
@@ -135,29 +151,41 @@ class Supervisor:
         self._stop_reason: tuple[int, str] | None = None
         self._bar = None
         # A run folder that already holds a checkpoint is being resumed: every actor rejoins.
-        self._resuming = (self.run_dir / "checkpoint").is_dir()
+        self._resuming = (self.run_dir / "checkpoint").is_dir() or joining
+        self._learner_local = any(s.role == "learner" for s in self.actors.values())
+        #: Set once the learner said training is over (its Shutdown broadcast), or its last step
+        #: was followed by silence: then no actor is restarted and the run ends with code 0.
+        self.learner_finished = False
+        self._learner_last_step = -1
+        self._learner_heard = 0.0  # monotonic time of its last broadcast
 
     # -- public ------------------------------------------------------------------------------
 
     async def run(self) -> RunResult:
         (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
         (self.run_dir / "addresses.json").write_text(json.dumps(self.addresses, indent=1))
+        if not self.joining:
+            self._write_join_file()
         transport = self.transport = Transport.from_config(self.addresses, self.cfg.transport, hwm=10_000)
         inbox = transport.socket(zmq.PULL, "control_in", bind=True, hwm=10_000)
         outbox = transport.socket(zmq.PUB, "control_out", bind=True, hwm=10_000)
+        learner_sub = transport.socket(zmq.SUB, "broadcast", bind=False, subscribe=True, hwm=10_000)
         loop = asyncio.get_running_loop()
         for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
             loop.add_signal_handler(sig, self.stop, code, f"received {signal.Signals(sig).name}")
         exit_code, reason = 1, "supervisor failed"
         try:
             self._spawn_all()
-            receiver = asyncio.create_task(self._receive(transport, inbox))
+            receivers = [
+                asyncio.create_task(self._receive(transport, inbox)),
+                asyncio.create_task(self._hear_learner(transport, learner_sub)),
+            ]
             try:
                 exit_code, reason = await self._watch(transport, outbox)
             finally:
-                receiver.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await receiver
+                for receiver in receivers:
+                    receiver.cancel()
+                await asyncio.gather(*receivers, return_exceptions=True)
             await self._shutdown_all(transport, outbox, reason)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -190,6 +218,46 @@ class Supervisor:
             return proc.pid
         return None
 
+    def _write_join_file(self) -> None:
+        """``join.json``: what another host needs to join this run (``run.py --join``): the
+        addresses of the bound endpoints and the run's config. Written atomically."""
+        data = {
+            "run_dir": str(self.run_dir.resolve()),
+            "addresses": self.addresses,
+            "config": self.cfg.model_dump(mode="json", by_alias=True),
+            "local_only": all(is_local_address(a) for a in self.addresses.values()),
+        }
+        tmp = self.run_dir / "join.json.tmp"
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.run_dir / "join.json")
+
+    async def _hear_learner(self, transport: Transport, sock) -> None:
+        """Follow the learner's broadcast: its end-of-training ``Shutdown`` ends every host's run."""
+        while True:
+            msg = await transport.recv(sock, "learner")
+            if msg is None:
+                continue
+            self._learner_heard = time.monotonic()
+            if isinstance(msg, P.BatchBoundary):
+                self._learner_last_step = max(self._learner_last_step, int(msg.step))
+            elif isinstance(msg, P.Shutdown) and msg.source == "learner" and not self.learner_finished:
+                log.info("the learner says: %s", msg.reason)
+                self.learner_finished = True
+                self._pulse()
+
+    def _learner_done(self, now: float) -> bool:
+        """Training is over (for a host without the learner): the learner said so, or it trained
+        its last step and then went silent for transport.startup_timeout_s (a restarted learner
+        would have been back by then)."""
+        if self.learner_finished:
+            return True
+        if self._learner_local or self._learner_last_step < self.cfg.run.total_steps:
+            return False
+        if now - self._learner_heard > self.cfg.transport.startup_timeout_s:
+            self.learner_finished = True
+            log.warning("the learner finished its last step and has been silent since: ending this host's run")
+        return self.learner_finished
+
     def events_of(self, name: str, kind: str | None = None) -> list[Event]:
         return [e for e in self.events if e.actor == name and (kind is None or e.kind == kind)]
 
@@ -205,6 +273,7 @@ class Supervisor:
         state.spawned_at = state.last_seen = time.monotonic()
         state.returncode = None
         state.restart_at = None
+        state.clean_exit_at = None
         state.counters = {}
 
     def _spawn(self, name: str, incarnation: int = 0) -> subprocess.Popen:
@@ -219,6 +288,7 @@ class Supervisor:
             ESPO_INCARNATION=str(incarnation),
             ESPO_REJOINING="1" if (incarnation > 0 or self._resuming) else "0",
         )
+        env.update(spec.env)  # e.g. CUDA_VISIBLE_DEVICES: which GPUs this role sees
         env.update(self.env)
         cpus = spec.cpus
         if cpus:
@@ -346,6 +416,8 @@ class Supervisor:
             if self._stop_reason is not None:
                 return self._stop_reason
             now = time.monotonic()
+            if not self._learner_local and self._learner_done(now):
+                return 0, "training finished (the learner's broadcast)"
             for state in self.actors.values():
                 if state.proc is None:  # lost: tell everyone until it is back, then start it
                     if state.restart_at is not None and now >= state.restart_at:
@@ -362,6 +434,15 @@ class Supervisor:
                     self._pulse()
                     if state.role == "learner" and rc == 0:
                         return 0, "training finished"
+                    if rc == 0 and self.started and not self.learner_finished:
+                        # A clean exit: the learner's end-of-training broadcast reached the actor
+                        # before us? Give it a moment before calling the actor lost.
+                        if state.clean_exit_at is None:
+                            state.clean_exit_at = now
+                        if now - state.clean_exit_at < CLEAN_EXIT_GRACE_S:
+                            continue
+                    if self.learner_finished:
+                        continue  # training is over: nothing is restarted; the learner's exit (or ours) ends the run
                     ended = self._lost(state, describe_exit(rc), outbox, transport)
                     if ended is not None:
                         return ended

@@ -47,18 +47,61 @@ ENDPOINTS: dict[str, str] = {
 }
 
 
-def resolve_addresses(kind: str, run_id: str, *, host: str = "127.0.0.1", base_port: int = 0) -> dict[str, str]:
+#: The role whose process binds each endpoint ("supervisor": every host's own supervisor).
+ENDPOINT_OWNERS: dict[str, str] = {
+    "work": "coordinator",
+    "stopper_stream": "stopper",
+    "stopper_cancel": "stopper",
+    "critic_stream": "critic",
+    "results": "learner",
+    "broadcast": "learner",
+    "control_in": "supervisor",
+    "control_out": "supervisor",
+}
+#: Endpoints that never leave a host: each host's supervisor binds its own (docs/cluster.md).
+CONTROL_ENDPOINTS = ("control_in", "control_out")
+
+
+def resolve_addresses(
+    kind: str,
+    run_id: str,
+    *,
+    host: str = "127.0.0.1",
+    base_port: int = 0,
+    role_hosts: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Choose one address per endpoint. ipc paths live in a short private temp folder (the
-    AF_UNIX path limit is ~107 bytes); tcp ports are consecutive from base_port or free ports."""
+    AF_UNIX path limit is ~107 bytes); tcp ports are consecutive from base_port or free ports.
+    ``role_hosts`` (tcp): the host of the endpoints a role binds, when not ``host``."""
     if kind == "ipc":
-        digest = hashlib.sha1(run_id.encode()).hexdigest()[:10]
-        folder = Path(tempfile.gettempdir()) / f"espo-{digest}"
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return {name: f"ipc://{folder}/{name}" for name in ENDPOINTS}
+        return _ipc_addresses(run_id, ENDPOINTS)
     if kind == "tcp":
         ports = [base_port + i for i in range(len(ENDPOINTS))] if base_port else free_ports(len(ENDPOINTS), host)
-        return {name: f"tcp://{host}:{port}" for name, port in zip(ENDPOINTS, ports)}
+        where = {name: (role_hosts or {}).get(ENDPOINT_OWNERS[name], host) for name in ENDPOINTS}
+        return {name: f"tcp://{_bracket(where[name])}:{port}" for name, port in zip(ENDPOINTS, ports)}
     raise ValueError(f"unknown transport kind {kind!r} (allowed: ipc, tcp)")
+
+
+def _ipc_addresses(run_id: str, names) -> dict[str, str]:
+    digest = hashlib.sha1(run_id.encode()).hexdigest()[:10]
+    folder = Path(tempfile.gettempdir()) / f"espo-{digest}"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return {name: f"ipc://{folder}/{name}" for name in names}
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def joined_addresses(head: dict[str, str], run_id: str) -> dict[str, str]:
+    """The address map of a host that joins a run: the head's endpoints, except the control
+    endpoints, which this host's own supervisor binds locally (ipc: they never leave the host)."""
+    missing = sorted(set(ENDPOINTS) - set(head))
+    if missing:
+        raise ValueError(f"the head's addresses lack {', '.join(missing)}")
+    out = {name: head[name] for name in ENDPOINTS}
+    out.update(_ipc_addresses(run_id, CONTROL_ENDPOINTS))
+    return out
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:

@@ -13,6 +13,7 @@ See docs/tasks.md.
 
 from .arithmetic import ALPHABET, END, SEP, ArithmeticTask
 from .base import Problem, Task
+from .dapo_math import DapoMathTask
 from .gsm8k import GSM8KTask
 from .math500 import Math500Task
 from .registry import TASKS, make_task, task_names, task_options
@@ -24,6 +25,7 @@ __all__ = [
     "SEP",
     "TASKS",
     "ArithmeticTask",
+    "DapoMathTask",
     "GSM8KTask",
     "Math500Task",
     "Problem",

@@ -1,6 +1,6 @@
 """``make_task(name, **options)``: build a task by name, validating its options.
 
-Names: ``"arithmetic"``, ``"gsm8k"``, ``"math500"``. The options are the keyword arguments of
+Names: ``"arithmetic"``, ``"gsm8k"``, ``"math500"``, ``"dapo_math"``. The options are the keyword arguments of
 the task class's ``__init__``; an unknown name or option raises ``ValueError`` listing what is
 allowed (with defaults), and a bad value raises ``ValueError`` from the task itself.
 """
@@ -12,6 +12,7 @@ from typing import Any
 
 from .arithmetic import ArithmeticTask
 from .base import Task
+from .dapo_math import DapoMathTask
 from .gsm8k import GSM8KTask
 from .math500 import Math500Task
 
@@ -19,6 +20,7 @@ TASKS: dict[str, type[Task]] = {
     ArithmeticTask.name: ArithmeticTask,
     GSM8KTask.name: GSM8KTask,
     Math500Task.name: Math500Task,
+    DapoMathTask.name: DapoMathTask,
 }
 
 

@@ -10,11 +10,11 @@ from espo_async.tasks import ArithmeticTask, Problem, Task, make_task, task_name
 
 
 def test_names():
-    assert task_names() == ["arithmetic", "gsm8k", "math500"]
+    assert task_names() == ["arithmetic", "dapo_math", "gsm8k", "math500"]
 
 
 def test_unknown_name_lists_known():
-    with pytest.raises(ValueError, match="known tasks: arithmetic, gsm8k, math500"):
+    with pytest.raises(ValueError, match="known tasks: arithmetic, dapo_math, gsm8k, math500"):
         make_task("aime")
 
 
