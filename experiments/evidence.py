@@ -245,8 +245,11 @@ def draw(results: dict, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # one colour and line style per method (12 methods: tab20's pairs would look alike)
+    colours = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]
+    style = {m: (colours[i % len(colours)], ("-", "--", ":")[i // 10 % 3]) for i, m in enumerate(METHODS)}
     paths = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for method, (label, _) in METHODS.items():
         runs = results["runs"].get(method)
         if not runs:
@@ -256,12 +259,15 @@ def draw(results: dict, out_dir: Path) -> list[Path]:
             continue
         k = min(len(c) for c in curves)
         xs = [sum(c[i]["tokens"] for c in curves) / len(curves) for i in range(k)]
-        ys = [sum(c[i]["accuracy"] for c in curves) / len(curves) for i in range(k)]
-        ax.plot(xs, ys, marker="o", label=label)
+        # each run against its own step-0 evaluation (seeds start from different warm-ups)
+        ys = [sum(c[i]["accuracy"] - c[0]["accuracy"] for c in curves) / len(curves) for i in range(k)]
+        colour, line = style[method]
+        ax.plot(xs, ys, marker="o", markersize=3, color=colour, linestyle=line, label=f"{label} ({len(curves)})")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel("cumulative rollout tokens")
-    ax.set_ylabel("held-out accuracy (pass@1, mean over seeds)")
+    ax.set_ylabel("held-out accuracy − step-0 accuracy\n(pass@1, mean over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, title="method (seeds)", title_fontsize=7)
     fig.tight_layout()
     paths.append(out_dir / "accuracy_vs_tokens.png")
     fig.savefig(paths[-1], dpi=110)
@@ -280,7 +286,8 @@ def draw(results: dict, out_dir: Path) -> list[Path]:
             ys = [sum(s[i] for s in series) / len(series) for i in range(k)]
             if all(y != y for y in ys):
                 continue
-            ax.plot(range(1, k + 1), ys, label=label)
+            colour, line = style[method]
+            ax.plot(range(1, k + 1), ys, color=colour, linestyle=line, label=label)
         ax.set_xlabel("learner step")
         ax.set_title(f"{title} (mean over seeds)", fontsize=10)
         ax.grid(alpha=0.3)
