@@ -405,19 +405,7 @@ def train_critic_mc(trainer: PPOTrainer, samples: list[TrainSample]) -> dict[str
     targets = SimpleNamespace(critic_mask=resp.mask, returns=ret)
     old = {"values": values}
     gen = torch.Generator().manual_seed(trainer.seed * 1_000_003 + trainer.global_step + 500_009)
-    acc: dict[str, list[float]] = {}
-    trainer._set_train(trainer.gradient_checkpointing)
-    try:
-        for _epoch in range(algo.epochs):
-            perm = torch.randperm(n_rows, generator=gen)
-            for mb in torch.tensor_split(perm, min(algo.minibatches, n_rows)):
-                rows = sorted(mb.tolist())
-                if rows:
-                    for k, v in trainer._critic_minibatch(kept, resp, old, targets, rows).items():
-                        acc.setdefault(k, []).append(float(v))
-    finally:
-        trainer._set_train(False)
-    out = {k: float(np.mean(v)) for k, v in acc.items()}
+    out = trainer.run_minibatches(n_rows, gen, lambda rows: trainer._critic_minibatch(kept, resp, old, targets, rows))
     out.update(
         critic_rollouts=float(n_rows),
         critic_tokens=float(resp.mask.sum()),

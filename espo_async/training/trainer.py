@@ -414,28 +414,14 @@ class PPOTrainer:
         pg_kind = "entropy_is" if algo.policy_loss == "entropy_is" else algo.loss_agg
         aux_agg = "token" if algo.policy_loss == "entropy_is" else algo.loss_agg
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
-        acc: dict[str, list[float]] = {}
 
-        def add(key, value):
-            acc.setdefault(key, []).append(float(value))
+        def minibatch(rows: list[int]) -> dict[str, float]:
+            out = self._policy_minibatch(samples, resp, old, adv, is_w, rows, pg_kind, aux_agg)
+            if self.critic_engine is not None:
+                out = {**out, **self._critic_minibatch(samples, resp, old, adv, rows)}
+            return out
 
-        # HF gradient checkpointing only acts in train mode (dropout is off: the same function)
-        self._set_train(self.gradient_checkpointing)
-        try:
-            for _epoch in range(algo.epochs):
-                perm = torch.randperm(n_rows, generator=gen)
-                for mb in torch.tensor_split(perm, min(algo.minibatches, n_rows)):
-                    rows = sorted(mb.tolist())
-                    if not rows:
-                        continue
-                    for k, v in self._policy_minibatch(samples, resp, old, adv, is_w, rows, pg_kind, aux_agg).items():
-                        add(k, v)
-                    if self.critic_engine is not None:
-                        for k, v in self._critic_minibatch(samples, resp, old, adv, rows).items():
-                            add(k, v)
-        finally:
-            self._set_train(False)
-        out = {k: float(np.mean(v)) for k, v in acc.items()}
+        out = self.run_minibatches(n_rows, gen, minibatch)
         if "policy_loss" not in out:
             out["policy_loss"] = float("nan")
         if "kl" not in out:
@@ -443,6 +429,26 @@ class PPOTrainer:
         if "critic_loss" in out:
             out["value_loss"] = out["critic_loss"]
         return out
+
+    def run_minibatches(self, n_rows: int, gen: torch.Generator, minibatch) -> dict[str, float]:
+        """``algo.epochs`` passes over ``n_rows`` rows in ``algo.minibatches`` shuffled minibatches
+        (``gen`` orders them); ``minibatch(rows)`` updates on the sorted row indices and returns its
+        metrics. Returns each metric's mean over the minibatches."""
+        algo = self.algo
+        acc: dict[str, list[float]] = {}
+        # HF gradient checkpointing only acts in train mode (dropout is off: the same function)
+        self._set_train(self.gradient_checkpointing)
+        try:
+            for _epoch in range(algo.epochs):
+                perm = torch.randperm(n_rows, generator=gen)
+                for mb in torch.tensor_split(perm, min(algo.minibatches, n_rows)):
+                    rows = sorted(mb.tolist())
+                    if rows:
+                        for k, v in minibatch(rows).items():
+                            acc.setdefault(k, []).append(float(v))
+        finally:
+            self._set_train(False)
+        return {k: float(np.mean(v)) for k, v in acc.items()}
 
     def _set_train(self, mode: bool) -> None:
         self.policy.train(mode)
