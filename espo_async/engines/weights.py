@@ -117,10 +117,10 @@ def save_weights_safetensors(
     dtype: torch.dtype | None = None,
     metadata: dict[str, str] | None = None,
 ) -> str:
-    """Atomically save a state dict (or model) as one safetensors file; return its sha256."""
-    data = state_dict_to_bytes(obj, dtype=dtype, metadata=metadata)
-    atomic_write_bytes(path, data)
-    return sha256_bytes(data)
+    """Atomically and durably save a state dict (or model) as one safetensors file; return its
+    sha256."""
+    sha, _ = publish_safetensors(to_state_dict(obj, dtype=dtype), path, metadata=metadata, durable=True, digest=True)
+    return sha
 
 
 def publish_safetensors(
