@@ -372,7 +372,8 @@ class Learner(Actor):
         await self.started.wait()
         intake = asyncio.create_task(self._intake_loop())
         rebroadcast = asyncio.create_task(self._rebroadcast_loop())
-        self._broadcast_boundary(None, {})
+        self._close_batch(None, {})
+        self._announce()
         self._request_eval()  # the policy before training (or at the resumed step)
         try:
             while self.step < self.cfg.run.total_steps:
@@ -436,8 +437,9 @@ class Learner(Actor):
             self.shadow_scores.clear()
         metrics["train_seconds"] = train_seconds
         metrics["step_end_time"] = step_end_time  # weight-sync latency is measured from here
-        self._broadcast_boundary(batch, metrics)
-        self.metrics.write(step, metrics)
+        self._close_batch(batch, metrics)
+        self.metrics.write(step, metrics)  # on disk before anyone hears that the step ended
+        self._announce()
         self.last_metrics = metrics
         every = self.cfg.run.checkpoint_every
         if every and step % every == 0 and step < self.cfg.run.total_steps:
@@ -492,7 +494,9 @@ class Learner(Actor):
             "policy_version": float(self.version),
         }
 
-    def _broadcast_boundary(self, batch: list[P.Trajectory] | None, metrics: dict[str, float]) -> None:
+    def _close_batch(self, batch: list[P.Trajectory] | None, metrics: dict[str, float]) -> None:
+        """The batch boundary: the stop controller's update (its next state goes into ``metrics``)
+        and the BatchBoundary message the next ``_announce`` broadcasts."""
         if batch is None:
             snap = self.controller.snapshot()
             regrets = np.zeros(0)
@@ -520,7 +524,6 @@ class Learner(Actor):
             groups_consumed=self.groups_consumed,
             epoch=self.epoch,
         )
-        self._announce()
 
     def _publish_weights(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Write the current weights (runs in a worker thread: sockets are touched only through
