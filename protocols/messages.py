@@ -6,7 +6,8 @@ Arrays are ``numpy.ndarray`` fields that travel as a msgpack extension holding
 ``(dtype, shape, raw bytes)``; nothing is ever pickled.
 
 Changing a message (adding, removing, reordering or retyping a field) changes the wire format:
-bump ``SCHEMA_VERSION`` in ``protocols.codec`` and say what changed in docs/protocol.md.
+bump ``SCHEMA_VERSION`` in ``protocols.codec`` and say what changed there (its history comment)
+and in docs/architecture.md.
 
 Conventions (docs/architecture.md): token index ``t`` is 0-based over the response; ``values``
 at position ``t`` is V(s_t), the value of the state in which token ``t`` is chosen.
@@ -14,7 +15,8 @@ at position ``t`` is V(s_t), the value of the state in which token ``t`` is chos
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from collections.abc import Iterator, Sequence
+from typing import ClassVar, Literal, NamedTuple
 
 import msgspec
 import numpy as np
@@ -41,6 +43,17 @@ def _check_same_length(**arrays: np.ndarray) -> None:
     lengths = {name: len(a) for name, a in arrays.items()}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"arrays must have equal lengths, got {lengths}")
+
+
+def _check_counts(name: str, counts: np.ndarray, of: str, total: int, *, least: int) -> None:
+    """``counts`` (each >= ``least``) must add up to ``total``, the length of ``of``."""
+    if counts.min() < least:
+        raise ValueError(f"{name} must be >= {least}, got {int(counts.min())}")
+    if counts.max() > total:  # (also keeps the sum below from overflowing)
+        raise ValueError(f"{name} has an entry of {int(counts.max())} but {of} holds {total}")
+    got = int(counts.sum(dtype=np.int64))
+    if got != total:
+        raise ValueError(f"{name} add up to {got} but {of} holds {total}")
 
 
 class Message(msgspec.Struct, array_like=True, forbid_unknown_fields=True, kw_only=True):
@@ -136,6 +149,110 @@ class TokenChunk(Message):
         )
         if self.prompt_token_ids is not None:
             _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
+
+
+class TokenEntry(NamedTuple):
+    """One request's part of a ``TokenBatch``, as positions into the batch's flat arrays (plain
+    ints: a receiver slices only the arrays it reads)."""
+
+    request_id: str
+    start: int  # response position of token_ids[lo]
+    lo: int  # this request's tokens are token_ids[lo:hi] (likewise logprobs, top1_logprobs, versions)
+    hi: int
+    prompt_lo: int  # its prompt is prompt_token_ids[prompt_lo:prompt_hi]; empty: not its first tokens
+    prompt_hi: int
+
+
+class TokenBatch(Message):
+    """The new tokens of many requests of ONE sampler (one engine step), as flat arrays: one frame
+    instead of one ``TokenChunk`` per request. Request ``i`` holds ``lengths[i]`` tokens, response
+    positions ``starts[i] ..``; its tokens follow those of request ``i - 1`` in ``token_ids``,
+    ``logprobs``, ``top1_logprobs`` and ``versions``. ``prompt_lengths[i]`` > 0 for a request's
+    first tokens: its prompt is the next ``prompt_lengths[i]`` ids of ``prompt_token_ids``.
+    Receivers handle the entries in order, each exactly as the equivalent ``TokenChunk``."""
+
+    KIND: ClassVar[str] = "token_batch"
+    sampler_id: str
+    request_ids: list[str]
+    starts: np.ndarray  # int32[k]
+    lengths: np.ndarray  # int32[k], each >= 1
+    token_ids: np.ndarray  # int32[sum(lengths)]
+    logprobs: np.ndarray  # float32[sum(lengths)]
+    top1_logprobs: np.ndarray  # float32[sum(lengths)]
+    versions: np.ndarray  # int32[sum(lengths)]
+    prompt_lengths: np.ndarray  # int32[k], 0 = not the request's first tokens
+    prompt_token_ids: np.ndarray  # int32[sum(prompt_lengths)]
+
+    def __post_init__(self) -> None:
+        k = len(self.request_ids)
+        if k == 0:
+            raise ValueError("a token batch holds at least one request")
+        for name in ("starts", "lengths", "prompt_lengths"):
+            arr = getattr(self, name)
+            _check_1d(name, arr, "iu")
+            if len(arr) != k:
+                raise ValueError(f"{name} has {len(arr)} entries for {k} request ids")
+        _check_1d("token_ids", self.token_ids, "iu")
+        _check_1d("logprobs", self.logprobs, "f")
+        _check_1d("top1_logprobs", self.top1_logprobs, "f")
+        _check_1d("versions", self.versions, "iu")
+        _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
+        _check_same_length(
+            token_ids=self.token_ids,
+            logprobs=self.logprobs,
+            top1_logprobs=self.top1_logprobs,
+            versions=self.versions,
+        )
+        if self.starts.min() < 0:
+            raise ValueError(f"starts must be >= 0, got {int(self.starts.min())}")
+        _check_counts("lengths", self.lengths, "token_ids", len(self.token_ids), least=1)
+        _check_counts("prompt_lengths", self.prompt_lengths, "prompt_token_ids", len(self.prompt_token_ids), least=0)
+
+    def entries(self) -> Iterator[TokenEntry]:
+        """Each request's part, in order (no arrays are built)."""
+        his = np.cumsum(self.lengths, dtype=np.int64).tolist()
+        prompt_his = np.cumsum(self.prompt_lengths, dtype=np.int64).tolist()
+        lo = prompt_lo = 0
+        for rid, start, hi, prompt_hi in zip(self.request_ids, self.starts.tolist(), his, prompt_his):
+            yield TokenEntry(rid, start, lo, hi, prompt_lo, prompt_hi)
+            lo, prompt_lo = hi, prompt_hi
+
+    def chunks(self) -> Iterator[TokenChunk]:
+        """Each request's part as the equivalent ``TokenChunk`` (views of this batch's arrays)."""
+        for e in self.entries():
+            yield TokenChunk(
+                request_id=e.request_id,
+                sampler_id=self.sampler_id,
+                start=e.start,
+                token_ids=self.token_ids[e.lo : e.hi],
+                logprobs=self.logprobs[e.lo : e.hi],
+                top1_logprobs=self.top1_logprobs[e.lo : e.hi],
+                versions=self.versions[e.lo : e.hi],
+                prompt_token_ids=self.prompt_token_ids[e.prompt_lo : e.prompt_hi] if e.prompt_hi > e.prompt_lo else None,
+            )
+
+    @classmethod
+    def from_chunks(cls, chunks: Sequence[TokenChunk]) -> TokenBatch:
+        """The batch holding these chunks (all of one sampler), in order."""
+        if not chunks:
+            raise ValueError("a token batch holds at least one request")
+        sampler_id = chunks[0].sampler_id
+        if any(c.sampler_id != sampler_id for c in chunks):
+            raise ValueError("a token batch holds the tokens of one sampler")
+        empty = np.zeros(0, np.int32)
+        prompts = [c.prompt_token_ids if c.prompt_token_ids is not None else empty for c in chunks]
+        return cls(
+            sampler_id=sampler_id,
+            request_ids=[c.request_id for c in chunks],
+            starts=np.array([c.start for c in chunks], np.int32),
+            lengths=np.array([len(c.token_ids) for c in chunks], np.int32),
+            token_ids=np.concatenate([c.token_ids for c in chunks]).astype(np.int32, copy=False),
+            logprobs=np.concatenate([c.logprobs for c in chunks]).astype(np.float32, copy=False),
+            top1_logprobs=np.concatenate([c.top1_logprobs for c in chunks]).astype(np.float32, copy=False),
+            versions=np.concatenate([c.versions for c in chunks]).astype(np.int32, copy=False),
+            prompt_lengths=np.array([len(p) for p in prompts], np.int32),
+            prompt_token_ids=np.concatenate(prompts).astype(np.int32, copy=False),
+        )
 
 
 class StreamEnd(Message):
@@ -386,6 +503,7 @@ MESSAGE_TYPES: tuple[type[Message], ...] = (
     PromptWork,
     WorkDone,
     TokenChunk,
+    TokenBatch,
     StreamEnd,
     ValueChunk,
     Cancel,

@@ -64,6 +64,26 @@ def token_chunk(draw):
 
 
 @st.composite
+def token_batch(draw, max_requests: int = 8):
+    """A valid batch: 1..max_requests requests of 1..6 tokens, some with their prompt."""
+    lengths = draw(st.lists(st.integers(1, 6), min_size=1, max_size=max_requests))
+    k, n = len(lengths), sum(lengths)
+    prompt_lengths = draw(st.lists(st.sampled_from([0, 0, 1, 5, 12]), min_size=k, max_size=k))
+    return P.TokenBatch(
+        sampler_id=draw(ids),
+        request_ids=draw(st.lists(ids, min_size=k, max_size=k)),
+        starts=np.asarray(draw(st.lists(nonneg, min_size=k, max_size=k)), np.int32),
+        lengths=np.asarray(lengths, np.int32),
+        token_ids=draw(int_array(n)),
+        logprobs=draw(float_array(n)),
+        top1_logprobs=draw(float_array(n)),
+        versions=draw(int_array(n)),
+        prompt_lengths=np.asarray(prompt_lengths, np.int32),
+        prompt_token_ids=draw(int_array(sum(prompt_lengths))),
+    )
+
+
+@st.composite
 def value_chunk(draw):
     n = draw(st.integers(0, 40))
     return P.ValueChunk(
@@ -119,6 +139,7 @@ STRATEGIES = {
     P.PromptWork: prompt_work(),
     P.WorkDone: st.builds(P.WorkDone, sampler_id=ids, request_id=ids, ending=st.none() | endings, n_tokens=nonneg, error=st.text(max_size=20)),
     P.TokenChunk: token_chunk(),
+    P.TokenBatch: token_batch(),
     P.StreamEnd: st.builds(P.StreamEnd, request_id=ids, sampler_id=ids, ending=endings, n_tokens=nonneg),
     P.ValueChunk: value_chunk(),
     P.Cancel: st.builds(P.Cancel, request_id=ids, sampler_id=ids, stop_index=nonneg, reason=st.text(max_size=10), z=floats, threshold=floats, decided_at=floats),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import msgpack
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import protocols as P
-from tests.protocols.strategies import MESSAGES, STRATEGIES, token_chunk, trajectory
+from tests.protocols.strategies import MESSAGES, STRATEGIES, token_batch, token_chunk, trajectory
 
 
 def _pack_array(a: np.ndarray) -> msgpack.ExtType:
@@ -122,7 +123,9 @@ BAD_FRAMES = {
         "needs 12 bytes, got 3",
     ),
     "unknown extension": (_with(_good_token_chunk_body(), 3, msgpack.ExtType(7, b"")), "unknown msgpack extension"),
-    "array header lies": (b"\x93\x01\xabtoken_chunk\xdd\xff\xff\xff\xff", "truncated"),
+    "array header lies": (
+        b"\x93" + msgpack.packb(P.SCHEMA_VERSION) + b"\xabtoken_chunk\xdd\xff\xff\xff\xff", "truncated"
+    ),
     "absorbed without stop index": (
         msgpack.packb(
             [
@@ -210,6 +213,94 @@ def test_trajectory_invariants_hold_after_decode(traj):
     else:
         assert back.stop_index == -1
     assert back.tokens_generated >= len(back.token_ids)
+
+
+# -- TokenBatch ---------------------------------------------------------------------------------
+
+
+def _batch_fields(**override):
+    """A valid 3-request batch: r0 (2 tokens, first, prompt of 3), r1 (1 token), r2 (3 tokens, first, prompt of 2)."""
+    fields = dict(
+        sampler_id="s0",
+        request_ids=["r0", "r1", "r2"],
+        starts=np.array([0, 7, 0], np.int32),
+        lengths=np.array([2, 1, 3], np.int32),
+        token_ids=np.arange(10, 16, dtype=np.int32),
+        logprobs=-np.arange(6, dtype=np.float32),
+        top1_logprobs=np.full(6, -0.5, np.float32),
+        versions=np.array([3, 3, 4, 5, 5, 5], np.int32),
+        prompt_lengths=np.array([3, 0, 2], np.int32),
+        prompt_token_ids=np.array([1, 2, 3, 8, 9], np.int32),
+    )
+    fields.update(override)
+    return fields
+
+
+def test_token_batch_entries_are_the_requests_in_order():
+    batch = P.decode(P.encode(P.TokenBatch(**_batch_fields())))
+    assert list(batch.entries()) == [
+        P.TokenEntry("r0", 0, 0, 2, 0, 3),
+        P.TokenEntry("r1", 7, 2, 3, 3, 3),
+        P.TokenEntry("r2", 0, 3, 6, 3, 5),
+    ]
+    r0, r1, r2 = batch.chunks()
+    assert (r0.request_id, r0.sampler_id, r0.start) == ("r0", "s0", 0)
+    assert r0.token_ids.tolist() == [10, 11] and r0.prompt_token_ids.tolist() == [1, 2, 3]
+    assert r1.start == 7 and r1.token_ids.tolist() == [12] and r1.prompt_token_ids is None
+    assert r1.versions.tolist() == [4] and r1.logprobs.tolist() == [-2.0]
+    assert r2.token_ids.tolist() == [13, 14, 15] and r2.prompt_token_ids.tolist() == [8, 9]
+
+
+@given(token_batch())
+def test_token_batch_is_exactly_its_chunks(batch):
+    back = P.decode(P.encode(batch))
+    chunks = list(back.chunks())
+    assert [c.request_id for c in chunks] == batch.request_ids
+    assert [c.start for c in chunks] == batch.starts.tolist()
+    assert [len(c.token_ids) for c in chunks] == batch.lengths.tolist()
+    for name in ("token_ids", "logprobs", "top1_logprobs", "versions"):
+        assert np.concatenate([getattr(c, name) for c in chunks]).tobytes() == getattr(batch, name).tobytes()
+    # Built back from its chunks, it is the same frame.
+    assert P.encode(P.TokenBatch.from_chunks(chunks)) == P.encode(batch)
+
+
+BAD_BATCHES = {
+    "no requests": (dict(request_ids=[], starts=np.zeros(0, np.int32), lengths=np.zeros(0, np.int32),
+                         prompt_lengths=np.zeros(0, np.int32)), "at least one request"),
+    "starts for fewer requests": (dict(starts=np.array([0, 7], np.int32)), "starts has 2 entries for 3 request ids"),
+    "lengths for more requests": (dict(lengths=np.array([2, 1, 3, 1], np.int32)), "lengths has 4 entries"),
+    "prompt lengths missing": (dict(prompt_lengths=np.array([3], np.int32)), "prompt_lengths has 1 entries"),
+    "negative start": (dict(starts=np.array([0, -1, 0], np.int32)), "starts must be >= 0"),
+    "empty entry": (dict(lengths=np.array([3, 0, 3], np.int32)), "lengths must be >= 1"),
+    "lengths short of the tokens": (dict(lengths=np.array([2, 1, 2], np.int32)), "lengths add up to 5 but token_ids holds 6"),
+    "length past the tokens": (dict(lengths=np.array([2, 7, 3], np.int32)), "lengths has an entry of 7"),
+    "negative prompt length": (dict(prompt_lengths=np.array([3, -1, 3], np.int32)), "prompt_lengths must be >= 0"),
+    "prompts that do not add up": (dict(prompt_lengths=np.array([3, 0, 1], np.int32)), "prompt_lengths add up to 4"),
+    "unequal token arrays": (dict(logprobs=np.zeros(5, np.float32)), "arrays must have equal lengths"),
+    "float starts": (dict(starts=np.zeros(3, np.float32)), "starts has dtype float32"),
+    "2-D lengths": (dict(lengths=np.ones((3, 1), np.int32)), "lengths must be 1-D"),
+    "float token ids": (dict(token_ids=np.zeros(6, np.float32)), "token_ids has dtype float32"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_BATCHES))
+def test_inconsistent_token_batch_is_rejected(name):
+    override, expected = BAD_BATCHES[name]
+    with pytest.raises(ValueError, match=expected):
+        P.TokenBatch(**_batch_fields(**override))
+    # The same fields from the wire: a ProtocolError that says the same.
+    body = [v if not isinstance(v, np.ndarray) else _pack_array(v) for v in _batch_fields(**override).values()]
+    with pytest.raises(P.ProtocolError, match=expected):
+        P.decode(msgpack.packb([P.SCHEMA_VERSION, "token_batch", body]))
+
+
+def test_token_batch_from_chunks_needs_one_sampler():
+    a = next(P.TokenBatch(**_batch_fields()).chunks())
+    b = msgspec.structs.replace(a, sampler_id="other")
+    with pytest.raises(ValueError, match="one sampler"):
+        P.TokenBatch.from_chunks([a, b])
+    with pytest.raises(ValueError, match="at least one request"):
+        P.TokenBatch.from_chunks([])
 
 
 def test_kind_of_reads_the_tag_without_the_body():
