@@ -35,6 +35,7 @@ from espo_async.assets import load_assets
 from espo_async.runtime.actor import Actor
 from espo_async.runtime.metrics import MetricsWriter
 from espo_async.runtime.trajectory_log import TrajectoryLog, replay
+from espo_async.runtime.weight_files import weight_files_dir
 from espo_async.tasks.registry import make_task
 from espo_async.training.stop_state import make_stop_controller
 from protocols.messages import Received
@@ -94,8 +95,8 @@ class Learner(Actor):
         self.shadow_scores: list[float] = []  # shadow continuations scored since the last step
         self.last_weights: dict[str, P.WeightsAnnounced] = {}
         self.trainer_lock = threading.Lock()
-        self.weights_dir = self.run_dir / "weights"
-        self.weights_dir.mkdir(exist_ok=True)
+        self.weights_dir = weight_files_dir(self.cfg, self.run_dir)  # weights.dir: run folder or /dev/shm
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.run_dir / "checkpoint"
         # T-PPO windows: rows are segments of rollouts (actors/tppo.py, espo_async/training/tppo.py)
         self.windows = WindowLearning(self) if self.cfg.rollout.window_tokens > 0 else None
@@ -548,7 +549,7 @@ class Learner(Actor):
                     epoch=self.epoch,
                 )
         for old in self.weights_dir.glob("*-v*.safetensors"):
-            if int(old.stem.rsplit("-v", 1)[1]) < version - 2:  # keep a few: loads may be in flight
+            if int(old.stem.rsplit("-v", 1)[1]) <= version - self.cfg.weights.keep_versions:  # loads may be in flight
                 old.unlink(missing_ok=True)
 
     def _finish_run(self) -> None:

@@ -1,8 +1,9 @@
 """Weight sync: from the end of a learner step to every sampler serving the new version, for
 SmolLM2-135M on CPU.
 
-    python bench/weight_sync.py            # full: 4 steps, 2 vLLM samplers
+    python bench/weight_sync.py            # full: 4 steps, 2 vLLM samplers, weights.dir run then shm
     python bench/weight_sync.py --quick    # 2 steps, 2 samplers
+    python bench/weight_sync.py --samplers 1 --modes shm
 
 The real system of configs/default.yaml with ``model.policy smollm2-135m`` (converted once into
 the cache, fp32, 538 MB), the critic a copy of the policy with a value head, a small batch (1
@@ -67,22 +68,34 @@ def analyse(run_dir: Path) -> list[dict]:
     return rows
 
 
-async def main_async(args) -> dict:
-    steps = args.steps or (2 if args.quick else 4)
-    cfg = C.bench_config(overrides(steps, args.samplers, args.max_tokens) + args.set)
-    run_dir = C.run_dir_for("weights", args.keep)
-    print(f"[{NAME}] run ... (load {C.loadavg()})", file=sys.stderr, flush=True)
+def summary(rows: list[dict]) -> dict:
+    return {"sync_s": C.stats([r["sync_s"] for r in rows]),
+            "publish_and_deliver_s": C.stats([r["publish_and_deliver_s"] for r in rows]),
+            "engine_load_s": C.stats([r["engine_load_s"] for r in rows]), "target_s": 1.0}
+
+
+async def run_mode(args, steps: int, weights_dir: str) -> dict:
+    cfg = C.bench_config(overrides(steps, args.samplers, args.max_tokens) + [f"weights.dir={weights_dir}"] + args.set)
+    run_dir = C.run_dir_for(f"weights-{weights_dir}", args.keep)
+    print(f"[{NAME}] weights.dir={weights_dir} ... (load {C.loadavg()})", file=sys.stderr, flush=True)
     run = await C.run_system(cfg, run_dir, timeout=3600)
-    rows = analyse(run_dir)
-    nbytes = sum(p.stat().st_size for p in (run_dir / "weights").glob("policy-v*.safetensors")) // max(
-        1, len(list((run_dir / "weights").glob("policy-v*.safetensors"))))
-    res = {"rows": rows, "samplers": args.samplers, "steps": steps, "policy_bytes": int(nbytes),
+    rows = [{"weights_dir": weights_dir, **r} for r in analyse(run_dir)]
+    final = list((run_dir / "final").glob("*.safetensors"))
+    res = {"weights_dir": weights_dir, "rows": rows, "policy_bytes": int(sum(f.stat().st_size for f in final)),
            "run_wall_s": run["wall_s"], "loadavg": C.loadavg(), "counters": C.counters(run["result"]),
-           "summary": {"sync_s": C.stats([r["sync_s"] for r in rows]),
-                       "publish_and_deliver_s": C.stats([r["publish_and_deliver_s"] for r in rows]),
-                       "engine_load_s": C.stats([r["engine_load_s"] for r in rows]), "target_s": 1.0}}
+           "summary": summary(rows)}
     C.remove_run(run_dir, args.keep)
     return res
+
+
+async def main_async(args) -> dict:
+    """The per-step files in the run folder (on disk) against /dev/shm (memory), side by side."""
+    steps = args.steps or (2 if args.quick else 4)
+    runs = [await run_mode(args, steps, mode) for mode in args.modes]
+    return {"samplers": args.samplers, "steps": steps, "runs": runs,
+            "rows": [r for run in runs for r in run["rows"]],
+            "policy_bytes": max(run["policy_bytes"] for run in runs),
+            "summary": {run["weights_dir"]: run["summary"] for run in runs}}
 
 
 def main(argv=None) -> int:
@@ -90,15 +103,18 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--samplers", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--modes", nargs="+", default=["run", "shm"], choices=["run", "shm"],
+                    help="weights.dir values to compare, in this order")
     args = ap.parse_args(argv)
     meta = C.begin(args)
     res = asyncio.run(main_async(args))
-    C.print_table(res["rows"], [("version", "version", "d"), ("sync_s", "step end -> all serving s", ".3f"),
+    C.print_table(res["rows"], [("weights_dir", "weights.dir", "s"), ("version", "version", "d"),
+                                ("sync_s", "step end -> all serving s", ".3f"),
                                 ("publish_and_deliver_s", "publish+deliver s", ".3f"),
                                 ("engine_load_s", "engine load s", ".3f"), ("train_s", "train step s", ".1f")])
-    s = res["summary"]
-    print(f"weight sync ({res['policy_bytes'] / 1e6:.0f} MB policy, {res['samplers']} samplers): "
-          f"median {s['sync_s']['p50']:.3f}s, max {s['sync_s']['max']:.3f}s (target <= 1 s)")
+    for mode, s in res["summary"].items():
+        print(f"weight sync, weights.dir={mode} ({res['policy_bytes'] / 1e6:.0f} MB policy, {res['samplers']} "
+              f"samplers): median {s['sync_s']['p50']:.3f}s, max {s['sync_s']['max']:.3f}s (target <= 1 s)")
     C.finish(NAME, args, res, meta)
     return 0
 

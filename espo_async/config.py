@@ -338,6 +338,29 @@ class TransportConfig(_Section):
         return self
 
 
+class WeightsConfig(_Section):
+    """How the learner hands new weights to the samplers and the critic after each step: a
+    safetensors file per step whose ``file://`` URI it announces (docs/architecture.md)."""
+
+    dir: str = Field(
+        "auto",
+        description="Where the per-step weight files go. 'run': RUN_DIR/weights (a shared filesystem reaches every "
+        "host). 'shm': /dev/shm/espo-async/<run> (memory: no disk write; single host only; removed when the run "
+        "ends). 'auto': 'shm' when the run cannot span hosts (transport.kind ipc, or a loopback tcp host, with every "
+        "role on this host) and /dev/shm exists, else 'run'. Or an absolute path.",
+    )
+    keep_versions: int = Field(
+        3, ge=2, description="Per-step files kept per model (older ones are deleted; a load may still be in flight)."
+    )
+
+    @field_validator("dir")
+    @classmethod
+    def _dir(cls, v: str) -> str:
+        if v not in ("auto", "run", "shm") and not Path(v).is_absolute():
+            raise ValueError(f"dir {v!r}: use 'auto', 'run', 'shm' or an absolute path")
+        return v
+
+
 Role = Literal["coordinator", "learner", "stopper", "critic", "sampler"]
 ROLES: tuple[str, ...] = ("coordinator", "learner", "stopper", "critic", "sampler")
 
@@ -407,6 +430,7 @@ class Config(_Section):
     actors: ActorsConfig = ActorsConfig()
     transport: TransportConfig = TransportConfig()
     cluster: ClusterConfig = ClusterConfig()
+    weights: WeightsConfig = WeightsConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> Config:

@@ -47,6 +47,7 @@ import protocols as P
 from espo_async.config import Config
 from espo_async.runtime.entry import actor_instances, validate_actors
 from espo_async.runtime.transport import Transport, cleanup_ipc, is_local_address, resolve_addresses
+from espo_async.runtime.weight_files import remove_transient
 from protocols.messages import ActorDown, ActorUp
 
 log = logging.getLogger("espo.supervisor")
@@ -193,6 +194,8 @@ class Supervisor:
             self._kill_all(signal.SIGKILL)
             transport.close()
             cleanup_ipc(self.addresses)
+            if self.cfg.cluster.runs("learner"):
+                remove_transient(self.cfg, self.run_dir)  # weight files in /dev/shm (weights.dir)
             if self._bar is not None:
                 self._bar.close()
         return RunResult(exit_code, reason, self.run_dir, self.actors, self.events)

@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from actors.ids import group_of
 from espo_async.runtime.metrics import read_metrics
+from espo_async.runtime.weight_files import weight_files_dir
 from tests.runtime.system import fake_config, learner_state, received, run_system
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,14 @@ async def test_espo_run_completes_with_exactly_one_trajectory_per_sample(tmp_pat
                 "norm_var", "policy_loss", "critic_loss", "kl", "entropy", "tokens_per_s"):
         assert key in rows[-1], key
     assert (tmp_path / "final" / "config.json").is_file()
+    # Every sampler loaded the weights of every step; a one-host run keeps those files in
+    # memory (weights.dir auto -> /dev/shm) and frees them at the end.
+    for log in (tmp_path / "logs").glob("sampler-*.weights.jsonl"):
+        loaded = [json.loads(line)["version"] for line in log.read_text().splitlines()]
+        assert max(loaded) >= cfg.run.total_steps - 1, (log.name, loaded)
+    transient = weight_files_dir(cfg, tmp_path)
+    assert transient != tmp_path / "weights" and not (tmp_path / "weights").exists()
+    assert not transient.exists(), "weight files left in /dev/shm after the run"
 
     trajs = received(tmp_path)
     keys = [(t.prompt_id, t.sample_index) for t in trajs]
