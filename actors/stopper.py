@@ -120,7 +120,8 @@ class Stopper(Actor):
                 self.on_shutdown(msg)
 
     async def _stream_loop(self) -> None:
-        handlers = {P.TokenChunk: self.on_tokens, P.ValueChunk: self.on_values, P.StreamEnd: self.on_end}
+        handlers = {P.TokenBatch: self.on_token_batch, P.TokenChunk: self.on_tokens, P.ValueChunk: self.on_values,
+                    P.StreamEnd: self.on_end}
         while True:
             msg = await self.transport.recv(self.inbox, "streams")
             if msg is None:
@@ -136,9 +137,29 @@ class Stopper(Actor):
     # -- handlers (synchronous: the decision path never awaits) --------------------------------
 
     def on_tokens(self, msg: P.TokenChunk) -> None:
-        st = self.streams.get(msg.request_id)
+        self.on_stream_tokens(msg.request_id, msg.sampler_id, msg.start, self._regrets(msg.logprobs, msg.top1_logprobs))
+
+    def on_token_batch(self, msg: P.TokenBatch) -> None:
+        """Each request of the batch exactly as its own chunk (regrets computed once for all)."""
+        g = self._regrets(msg.logprobs, msg.top1_logprobs)
+        for e in msg.entries():
+            with self.guard("TokenBatch entry"):  # one stream's failure leaves the others judged
+                self.on_stream_tokens(e.request_id, msg.sampler_id, e.start, g[e.lo : e.hi])
+
+    @staticmethod
+    def _regrets(logprobs: np.ndarray, top1_logprobs: np.ndarray) -> np.ndarray:
+        """Surrogate regrets g_t of tokens (non-finite where the logprobs are)."""
+        return surrogate_regret(
+            sampled_logprob=torch.from_numpy(np.asarray(logprobs, np.float64)),
+            top1_logprob=torch.from_numpy(np.asarray(top1_logprobs, np.float64)),
+        ).numpy()
+
+    def on_stream_tokens(self, request_id: str, sampler_id: str, start: int, g: np.ndarray) -> None:
+        """Tokens ``start ..`` of one stream, as their regrets ``g``: the per-request core of
+        ``TokenChunk`` and ``TokenBatch``."""
+        st = self.streams.get(request_id)
         if st is None:
-            if msg.start != 0:
+            if start != 0:
                 self.counters["streams_joined_late"] += 1
                 return  # we missed its beginning (stopper restarted): never judge it
             if not self.have_snapshot:
@@ -146,33 +167,29 @@ class Stopper(Actor):
                 return  # restarted, no stop state from the learner yet: never judge it
             policy = make_stop_policy(self.snapshot)
             st = StreamState(
-                sampler_id=msg.sampler_id,
+                sampler_id=sampler_id,
                 policy=policy,
-                stream=policy.new_stream(msg.request_id),
+                stream=policy.new_stream(request_id),
                 needs_values=self.snapshot.enabled and self.snapshot.kind in NEEDS_VALUES,
                 interval=self.interval,
             )
-            st.values.update(self.early_values.pop(msg.request_id, {}))
-            self.streams[msg.request_id] = st
+            st.values.update(self.early_values.pop(request_id, {}))
+            self.streams[request_id] = st
             self.counters["streams"] += 1
         if st.broken or st.decided:
             return
-        if msg.start != st.n:
+        if start != st.n:
             st.broken = True  # a chunk was lost: the stream can no longer be judged exactly
             self.counters["streams_with_gaps"] += 1
             return
-        if st.n + len(msg.token_ids) > self.max_tokens:
+        if st.n + len(g) > self.max_tokens:
             st.broken = True  # longer than any response can be: never judged, memory stays bounded
             st.regrets.clear()
             st.values.clear()
             self.counters["streams_too_long"] += 1
             self.log.warning("stream %r passed rollout.max_tokens=%d tokens; no longer judged",
-                             msg.request_id[:200], self.max_tokens)
+                             request_id[:200], self.max_tokens)
             return
-        g = surrogate_regret(
-            sampled_logprob=torch.from_numpy(np.asarray(msg.logprobs, np.float64)),
-            top1_logprob=torch.from_numpy(np.asarray(msg.top1_logprobs, np.float64)),
-        ).numpy()
         if not np.all(np.isfinite(g)):
             self.counters["non_finite_logprobs"] += int((~np.isfinite(g)).sum())
             g = np.where(np.isfinite(g), g, 0.0)  # no evidence is no regret
@@ -180,7 +197,7 @@ class Stopper(Actor):
         st.n += len(g)
         self.counters["tokens"] += len(g)
         st.last_activity = time.monotonic()
-        self._advance(msg.request_id, st)
+        self._advance(request_id, st)
 
     def on_values(self, msg: P.ValueChunk) -> None:
         values = np.asarray(msg.values, dtype=np.float64)

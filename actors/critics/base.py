@@ -1,10 +1,10 @@
 """The critic actor: streams V(s_t) for the prefixes the samplers are generating.
 
 One class serves every value model; ``FakeCritic`` and ``HFCritic`` differ only in
-``make_value_model``. The critic receives the same token chunks as the stopper. V(s_t) is the
-value of the prompt plus response tokens ``0..t-1``, so V(s_0) is computable as soon as a
-stream starts and V(s_{t+1}) as soon as token ``t`` arrives: values run at most one model call
-behind generation. Every pass batches all streams that have new tokens; the model runs in a
+``make_value_model``. The critic receives the same token batches (or chunks) as the stopper.
+V(s_t) is the value of the prompt plus response tokens ``0..t-1``, so V(s_0) is computable as
+soon as a stream starts and V(s_{t+1}) as soon as token ``t`` arrives: values run at most one
+model call behind generation. Every pass batches all streams that have new tokens; the model runs in a
 worker thread so the event loop keeps receiving tokens meanwhile. Only positions that are a
 multiple of ``stop.value_interval`` are sent.
 """
@@ -95,7 +95,9 @@ class Critic(Actor):
     async def _recv_loop(self) -> None:
         while True:
             msg = await self.transport.recv(self.inbox, "samplers")
-            if isinstance(msg, P.TokenChunk):
+            if isinstance(msg, P.TokenBatch):
+                self.on_token_batch(msg)
+            elif isinstance(msg, P.TokenChunk):
                 with self.guard("tokens"):
                     self.on_tokens(msg)
             elif isinstance(msg, P.StreamEnd):
@@ -108,37 +110,57 @@ class Critic(Actor):
                 self.counters["unexpected_messages"] += 1
 
     def on_tokens(self, msg: P.TokenChunk) -> None:
-        st = self.streams.get(msg.request_id)
+        self.on_stream_tokens(msg.request_id, msg.start, msg.token_ids, msg.prompt_token_ids)
+
+    def on_token_batch(self, msg: P.TokenBatch) -> None:
+        """Each request of the batch exactly as its own chunk. The vocabulary is checked once for
+        the whole batch (per request only if that finds a bad id); the compute loop then values
+        every stream of the batch in one model call, as it does for chunks of one engine step."""
+        ids, prompts = msg.token_ids, msg.prompt_token_ids
+        checked = self._all_in_vocabulary(ids) and self._all_in_vocabulary(prompts)
+        for e in msg.entries():
+            with self.guard("tokens"):  # one stream's failure leaves the others valued
+                prompt = prompts[e.prompt_lo : e.prompt_hi] if e.prompt_hi > e.prompt_lo else None
+                self.on_stream_tokens(e.request_id, e.start, ids[e.lo : e.hi], prompt, checked=checked)
+
+    def on_stream_tokens(self, request_id: str, start: int, token_ids: np.ndarray, prompt: np.ndarray | None,
+                         *, checked: bool = False) -> None:
+        """Tokens ``start ..`` of one stream (``prompt`` with its first ones): the per-request core
+        of ``TokenChunk`` and ``TokenBatch``. ``checked``: every id is known to be in the vocabulary."""
+        st = self.streams.get(request_id)
         if st is None:
-            if msg.start != 0 or msg.prompt_token_ids is None:
+            if start != 0 or prompt is None:
                 self.counters["streams_joined_late"] += 1
                 return
-            st = self.streams[msg.request_id] = CriticStream(prompt=np.asarray(msg.prompt_token_ids))
-            if not self._in_vocabulary(st.prompt, msg.request_id):
+            st = self.streams[request_id] = CriticStream(prompt=np.asarray(prompt))
+            if not checked and not self._in_vocabulary(st.prompt, request_id):
                 st.broken = True
         if st.broken:
             return
-        if msg.start != st.n_tokens:
+        if start != st.n_tokens:
             st.broken = True
             self.counters["streams_with_gaps"] += 1
             return
-        if st.n_tokens + len(msg.token_ids) > self.cfg.rollout.max_tokens:
+        if st.n_tokens + len(token_ids) > self.cfg.rollout.max_tokens:
             st.broken, st.pending = True, []  # longer than any response: bounded memory, no values
             self.counters["streams_too_long"] += 1
             return
-        if not self._in_vocabulary(msg.token_ids, msg.request_id):
+        if not checked and not self._in_vocabulary(token_ids, request_id):
             st.broken, st.pending = True, []
             return
-        st.pending.append(np.asarray(msg.token_ids))
-        st.n_tokens += len(msg.token_ids)
+        st.pending.append(np.asarray(token_ids))
+        st.n_tokens += len(token_ids)
         st.last_activity = time.monotonic()
         self.work.set()
+
+    def _all_in_vocabulary(self, ids: np.ndarray) -> bool:
+        vocab = getattr(self.model, "vocab_size", None)
+        return vocab is None or not len(ids) or (int(ids.min()) >= 0 and int(ids.max()) < vocab)
 
     def _in_vocabulary(self, ids: np.ndarray, request_id: str) -> bool:
         """Token ids the value model cannot embed break only their own stream (checked here, not
         in the model's batch, where one bad stream would cost every stream of the batch)."""
-        vocab = getattr(self.model, "vocab_size", None)
-        if vocab is None or not len(ids) or (int(ids.min()) >= 0 and int(ids.max()) < vocab):
+        if self._all_in_vocabulary(ids):
             return True
         self.counters["tokens_out_of_vocab"] += 1
         self.log.warning("stream %r has token ids outside the critic's vocabulary [0, %d): no values for it",

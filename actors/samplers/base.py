@@ -7,7 +7,9 @@ One class serves every engine: ``FakeSampler`` and ``VLLMSampler`` differ only i
   back only after the trajectory was handed to the learner (backpressure);
 * waits until its weights are at least the version a request was issued at (staleness bound);
 * streams every token (id, sampled logprob, top-1 logprob, policy version) to the stopper and
-  the critic without ever blocking on them;
+  the critic without ever blocking on them: the tokens of all its streams woken by one engine
+  step go out as one ``TokenBatch`` frame (``TokenBuffer``), a stream's ``StreamEnd`` after
+  its last tokens;
 * on a cancel, aborts the engine request, keeps tokens ``0..stop_index`` and marks the
   trajectory absorbed; a cancel for a request that already ended is counted and ignored;
 * loads new weights announced by the learner without restarting the engine.
@@ -108,6 +110,71 @@ class LiveRequest:
 ENDING_OF_FINISH_REASON = {"stop": "finished", "length": "truncated"}
 
 
+@dataclass(slots=True)
+class _Pending:
+    start: int  # response position of the first pending token
+    prompt: np.ndarray | None  # the prompt, when these are the request's first tokens
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+class TokenBuffer:
+    """New tokens of many requests, gathered until the next flush sends them as one ``TokenBatch``.
+
+    A request that adds tokens twice before a flush keeps one entry (its parts in order)."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, _Pending] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._requests)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def add(self, request_id: str, start: int, token_ids: np.ndarray, logprobs: np.ndarray,
+            top1_logprobs: np.ndarray, versions: np.ndarray, prompt: np.ndarray | None = None) -> None:
+        """Tokens ``start ..`` of a request (``prompt`` with its first tokens)."""
+        pending = self._requests.get(request_id)
+        if pending is None:
+            pending = self._requests[request_id] = _Pending(start, prompt)
+        pending.parts.append((token_ids, logprobs, top1_logprobs, versions))
+
+    def take(self, sampler_id: str) -> P.TokenBatch | None:
+        """Everything gathered as one batch (None if nothing), and an empty buffer."""
+        if not self._requests:
+            return None
+        requests, self._requests = self._requests, {}
+        ids, lps, top1, vers, prompts = [], [], [], [], []
+        starts, lengths, prompt_lengths = [], [], []
+        for pending in requests.values():
+            n = 0
+            for t, lp, t1, v in pending.parts:
+                ids.append(t)
+                lps.append(lp)
+                top1.append(t1)
+                vers.append(v)
+                n += len(t)
+            starts.append(pending.start)
+            lengths.append(n)
+            if pending.prompt is None:
+                prompt_lengths.append(0)
+            else:
+                prompts.append(pending.prompt)
+                prompt_lengths.append(len(pending.prompt))
+        return P.TokenBatch(
+            sampler_id=sampler_id,
+            request_ids=list(requests),
+            starts=np.array(starts, np.int32),
+            lengths=np.array(lengths, np.int32),
+            token_ids=np.concatenate(ids).astype(np.int32, copy=False),
+            logprobs=np.concatenate(lps).astype(np.float32, copy=False),
+            top1_logprobs=np.concatenate(top1).astype(np.float32, copy=False),
+            versions=np.concatenate(vers).astype(np.int32, copy=False),
+            prompt_lengths=np.array(prompt_lengths, np.int32),
+            prompt_token_ids=np.concatenate(prompts).astype(np.int32, copy=False) if prompts else np.zeros(0, np.int32),
+        )
+
+
 class Sampler(Actor):
     ROLE = "sampler"
 
@@ -133,6 +200,10 @@ class Sampler(Actor):
             self.streams.append(t.socket(zmq.PUSH, "stopper_stream", bind=False))
         if self.cfg.actors.critic is not None:
             self.streams.append(t.socket(zmq.PUSH, "critic_stream", bind=False))
+        # Stream output of one engine step: gathered, then sent as one frame by _flush_streams.
+        self.stream_buffer = TokenBuffer()
+        self.stream_ends: list[bytes] = []  # StreamEnds of requests whose last tokens are in the buffer
+        self.flush_handle: asyncio.Handle | None = None
         self.weights_lock = asyncio.Lock()
         # No supervisor of ours reports to the coordinator: keep it informed on the work socket.
         self.remote = not self.cfg.cluster.runs("coordinator")
@@ -450,22 +521,29 @@ class Sampler(Actor):
             f.write(json.dumps(record) + "\n")
 
     def _stream(self, req: LiveRequest, chunk: EngineChunk, versions: np.ndarray, first: bool) -> None:
+        """Queue a chunk's tokens for the stopper and the critic. The engine wakes every request
+        with new tokens in one event-loop pass; the flush, scheduled with ``call_soon``, runs
+        after all of them, so one engine step leaves as one frame per destination."""
         if not self.streams or req.work.purpose != "train":
             return  # evaluation and shadow rollouts are never judged by the stopper
-        frame = P.encode(
-            P.TokenChunk(
-                request_id=req.work.request_id,
-                sampler_id=self.name,
-                start=req.n,
-                token_ids=chunk.token_ids,
-                logprobs=chunk.logprobs,
-                top1_logprobs=chunk.top1_logprobs,
-                versions=versions,
-                prompt_token_ids=req.work.prompt_token_ids if first else None,
-            )
-        )
-        for sock in self.streams:
-            self.transport.try_send(sock, frame, counter="stream_dropped")
+        self.stream_buffer.add(req.work.request_id, req.n, chunk.token_ids, chunk.logprobs, chunk.top1_logprobs,
+                               versions, req.work.prompt_token_ids if first else None)
+        if self.flush_handle is None:
+            self.flush_handle = asyncio.get_running_loop().call_soon(self._flush_streams)
+
+    def _flush_streams(self) -> None:
+        """Send the gathered tokens as one TokenBatch, then the StreamEnds that wait for them."""
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()  # (a no-op when this is the scheduled call running)
+            self.flush_handle = None
+        batch = self.stream_buffer.take(self.name)
+        frames = ([P.encode(batch)] if batch is not None else []) + self.stream_ends
+        self.stream_ends = []
+        for frame in frames:
+            for sock in self.streams:
+                self.transport.try_send(sock, frame, counter="stream_dropped")
+        if batch is not None:
+            self.counters["stream_batches"] += 1
 
     def _trajectory(self, req: LiveRequest, finish_reason: str) -> P.Trajectory:
         def cat(parts: list[np.ndarray], dtype) -> np.ndarray:
@@ -526,8 +604,13 @@ class Sampler(Actor):
             end = P.encode(
                 P.StreamEnd(request_id=traj.request_id, sampler_id=self.name, ending=traj.ending, n_tokens=req.n)
             )
-            for sock in self.streams:
-                self.transport.try_send(sock, end, counter="stream_dropped")
+            if traj.request_id in self.stream_buffer:
+                # Its last tokens wait for this engine step's frame: the end goes right after it
+                # (never before them, and the step's other streams still share one frame).
+                self.stream_ends.append(end)
+            else:
+                for sock in self.streams:
+                    self.transport.try_send(sock, end, counter="stream_dropped")
         await self.transport.send(self.results, traj)  # blocks while the learner is behind
         self.counters[f"ending.{traj.ending}"] += 1
         self.counters["trajectories"] += 1

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import protocols as P
 from actors.stopper import Stopper
 
 
 class ObservingStopper(Stopper):
     """A different stopper: watches every stream, never cancels anything."""
 
-    def on_tokens(self, msg: P.TokenChunk) -> None:
-        self.counters["observed_tokens"] += len(msg.token_ids)
+    def on_stream_tokens(self, request_id: str, sampler_id: str, start: int, g) -> None:
+        self.counters["observed_tokens"] += len(g)

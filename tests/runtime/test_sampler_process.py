@@ -53,11 +53,17 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-async def started(h: ActorHarness) -> bytes:
+async def started(h: ActorHarness, slots: int = 2) -> bytes:
     await h.start()
     ident, msg = await h.recv_routed("work", timeout=30)
-    assert isinstance(msg, P.WorkRequest) and msg.free_slots == 2
+    assert isinstance(msg, P.WorkRequest) and msg.free_slots == slots
     return ident
+
+
+def token_chunks(frames: list[P.Message]) -> list[P.TokenChunk]:
+    """The per-request chunks of the token frames a sampler sent (each one a TokenBatch)."""
+    assert all(isinstance(m, P.TokenBatch) for m in frames), [type(m).__name__ for m in frames]
+    return [c for m in frames for c in m.chunks()]
 
 
 async def test_good_rollout_streams_every_token_and_finishes(tmp_path, tiny_model_dir, tokenizer):
@@ -74,8 +80,9 @@ async def test_good_rollout_streams_every_token_and_finishes(tmp_path, tiny_mode
         assert (traj.versions == 0).all() and traj.stop_index == -1
         # Both streams got every token exactly once, in order, the prompt with the first chunk.
         for endpoint in ("stopper_stream", "critic_stream"):
-            end, chunks = await h.recv_until(endpoint, lambda m: isinstance(m, P.StreamEnd))
-            assert chunks[0].prompt_token_ids is not None
+            end, frames = await h.recv_until(endpoint, lambda m: isinstance(m, P.StreamEnd))
+            chunks = token_chunks(frames)
+            assert chunks[0].prompt_token_ids.tolist() == work.prompt_token_ids.tolist()
             assert all(c.prompt_token_ids is None for c in chunks[1:])
             assert [c.start for c in chunks] == list(np.cumsum([0] + [len(c.token_ids) for c in chunks[:-1]]))
             streamed = np.concatenate([c.token_ids for c in chunks])
@@ -97,7 +104,7 @@ async def test_cancel_aborts_in_flight_keeps_tokens_up_to_the_stop_and_frees_the
         await h.send_to("work", ident, work)
         seen = 0
         while seen < 10:
-            chunk = await h.recv("stopper_stream")
+            (chunk,) = token_chunks([await h.recv("stopper_stream")])
             seen += len(chunk.token_ids)
         owner = chunk.sampler_id.encode()
         await h.send_to(
@@ -122,6 +129,54 @@ async def test_cancel_aborts_in_flight_keeps_tokens_up_to_the_stop_and_frees_the
         await h.wait_heartbeat(
             lambda hb: hb.counters.get("cancel_after_end") == 1 and hb.counters.get("cancel_unknown") == 1
         )
+
+
+async def test_one_token_batch_per_engine_step_for_many_concurrent_streams(tmp_path, tiny_model_dir, tokenizer):
+    """16 streams generating in lockstep (the fake engine: one token per request per loop pass,
+    all released at once by the weights they wait for): every engine step leaves as ONE frame
+    per destination holding one token of every stream, and each StreamEnd follows its tokens."""
+    n_streams, n_tokens = 16, 12
+    cfg = config(max_concurrency=n_streams, p_bad=1.0)  # p_bad 1: no EOS, every stream runs to max_tokens
+    async with ActorHarness(cfg, tmp_path, "sampler-0", binds=BINDS, assets=_assets(tiny_model_dir)) as h:
+        ident = await started(h, slots=n_streams)
+        works = [work_for(tokenizer, i // 2, i % 2, version=1, max_tokens=n_tokens)[0] for i in range(n_streams)]
+        for w in works:
+            await h.send_to("work", ident, w)
+        await h.wait_heartbeat(lambda hb: hb.counters.get("active") == n_streams)  # all waiting for v1
+        weights = P.WeightsAnnounced(model="policy", version=1, uri="file:///dev/null", sha256="", nbytes=0)
+        first = None
+        while first is None:  # PUB/SUB: repeat the announcement until it lands (as the learner does)
+            await h.send("broadcast", weights)
+            try:
+                first = await h.recv("results", timeout=0.5)
+            except TimeoutError:
+                pass
+        trajs = {t.request_id: t for t in [first] + [await h.recv("results", timeout=30) for _ in range(n_streams - 1)]}
+        rids = [w.request_id for w in works]
+        assert sorted(trajs) == sorted(rids)
+        assert all(t.ending == "truncated" and len(t.token_ids) == n_tokens for t in trajs.values())
+        for endpoint in ("stopper_stream", "critic_stream"):
+            frames = [await h.recv(endpoint) for _ in range(n_tokens + n_streams)]
+            batches, ends = frames[:n_tokens], frames[n_tokens:]
+            # One frame per engine step; the StreamEnds after the last step's frame.
+            assert all(isinstance(b, P.TokenBatch) for b in batches), [type(m).__name__ for m in frames]
+            assert all(isinstance(e, P.StreamEnd) and e.n_tokens == n_tokens for e in ends)
+            assert sorted(e.request_id for e in ends) == sorted(rids)
+            for step, batch in enumerate(batches):
+                assert batch.sampler_id == "sampler-0"
+                assert sorted(batch.request_ids) == sorted(rids)  # every stream, once
+                assert batch.starts.tolist() == [step] * n_streams and batch.lengths.tolist() == [1] * n_streams
+                assert batch.prompt_lengths.all() if step == 0 else not batch.prompt_lengths.any()
+            prompts = {c.request_id: c.prompt_token_ids for c in batches[0].chunks()}
+            for w in works:
+                assert prompts[w.request_id].tolist() == w.prompt_token_ids.tolist()
+            for rid, traj in trajs.items():
+                streamed = [c for c in token_chunks(batches) if c.request_id == rid]
+                assert np.concatenate([c.token_ids for c in streamed]).tolist() == traj.token_ids.tolist()
+                assert np.concatenate([c.logprobs for c in streamed]).tolist() == traj.logprobs.tolist()
+                assert (np.concatenate([c.versions for c in streamed]) == 1).all()
+        hb = await h.wait_heartbeat(lambda hb: hb.counters.get("trajectories") == n_streams)
+        assert hb.counters["stream_batches"] == n_tokens and hb.counters.get("wire.stream_dropped", 0) == 0
 
 
 async def test_rollout_that_hits_max_tokens_is_truncated(tmp_path, tiny_model_dir, tokenizer):

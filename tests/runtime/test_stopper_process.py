@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -163,3 +164,51 @@ async def test_long_streams_stop_where_the_pure_rule_does_with_sparse_values(tmp
                 assert cancel.request_id == rid and cancel.stop_index == expected
         finally:
             peers.close()
+
+
+async def test_a_token_batch_triggers_the_same_cancels_as_its_chunks(stopper):
+    """The same streams sent once as one TokenChunk per request per step and once as one
+    TokenBatch per step (request ids prefixed "b-"): the same cancels, at the same indices, which
+    are the pure rule's; the streams that never go wrong are never cancelled."""
+    h, peers = stopper
+    rng = np.random.default_rng(7)
+    n_tokens, calm = 40, {"s0": 5, "s1": 12, "s2": 40, "s3": 20, "s4": 40, "s5": 2}  # 40: never goes wrong
+    regrets = {rid: np.concatenate([rng.exponential(0.05, c), rng.exponential(3.0, n_tokens - c)]).astype(np.float32)
+               for rid, c in calm.items()}
+    expected = {}
+    for rid, g in regrets.items():
+        t = first_stop(torch.tensor(g).double(), torch.full((n_tokens,), 0.1, dtype=torch.float64), mu=0.0, var=1.0,
+                       c=5.0, delta=1e-4, alpha_s=0.9, beta=7.0, eps=0.2)
+        if t is not None:
+            expected[rid] = t
+    assert set(expected) == {"s0", "s1", "s3", "s5"}
+    # Steps of 1 to 3 tokens per stream (streams of one step differ in length).
+    steps, pos = [], dict.fromkeys(calm, 0)
+    while any(p < n_tokens for p in pos.values()):
+        step = []
+        for rid, p in pos.items():
+            if p < n_tokens:
+                n = min(int(rng.integers(1, 4)), n_tokens - p)
+                step.append(chunk(rid, p, regrets[rid][p : p + n]))
+                pos[rid] = p + n
+        steps.append(step)
+    sent = 0
+    for prefix in ("", "b-"):
+        for rid in calm:
+            await peers.send(P.ValueChunk(request_id=prefix + rid, positions=np.arange(n_tokens, dtype=np.int32),
+                                          values=np.full(n_tokens, 0.1, np.float32), critic_version=0))
+            sent += 1
+    for step in steps:
+        for c in step:
+            await peers.send(c)
+        await peers.send(P.TokenBatch.from_chunks([msgspec.structs.replace(c, request_id="b-" + c.request_id)
+                                                   for c in step]))
+        sent += len(step) + 1
+    cancels = [await peers.cancel() for _ in range(2 * len(expected))]
+    got_chunks = {c.request_id: c.stop_index for c in cancels if not c.request_id.startswith("b-")}
+    got_batches = {c.request_id.removeprefix("b-"): c.stop_index for c in cancels if c.request_id.startswith("b-")}
+    assert got_chunks == expected and got_batches == expected
+    # Everything was handled and nothing else fired.
+    hb = await h.wait_heartbeat(lambda hb: hb.counters.get("stream_messages") == sent)
+    assert hb.counters["cancels_sent"] == 2 * len(expected) and hb.counters["streams"] == 2 * len(calm)
+    assert hb.counters.get("handler_errors", 0) == 0 and hb.counters.get("streams_with_gaps", 0) == 0
