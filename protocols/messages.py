@@ -209,13 +209,11 @@ class TokenBatch(Message):
         _check_counts("prompt_lengths", self.prompt_lengths, "prompt_token_ids", len(self.prompt_token_ids), least=0)
 
     def entries(self) -> Iterator[TokenEntry]:
-        """Each request's part, in order (no arrays are built)."""
+        """Each request's part, in order (plain ints; no arrays are built)."""
         his = np.cumsum(self.lengths, dtype=np.int64).tolist()
         prompt_his = np.cumsum(self.prompt_lengths, dtype=np.int64).tolist()
-        lo = prompt_lo = 0
-        for rid, start, hi, prompt_hi in zip(self.request_ids, self.starts.tolist(), his, prompt_his):
-            yield TokenEntry(rid, start, lo, hi, prompt_lo, prompt_hi)
-            lo, prompt_lo = hi, prompt_hi
+        return map(TokenEntry._make, zip(self.request_ids, self.starts.tolist(), [0, *his[:-1]], his,
+                                         [0, *prompt_his[:-1]], prompt_his))
 
     def chunks(self) -> Iterator[TokenChunk]:
         """Each request's part as the equivalent ``TokenChunk`` (views of this batch's arrays)."""

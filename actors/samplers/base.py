@@ -110,69 +110,70 @@ class LiveRequest:
 ENDING_OF_FINISH_REASON = {"stop": "finished", "length": "truncated"}
 
 
-@dataclass(slots=True)
-class _Pending:
-    start: int  # response position of the first pending token
-    prompt: np.ndarray | None  # the prompt, when these are the request's first tokens
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
-
-
 class TokenBuffer:
-    """New tokens of many requests, gathered until the next flush sends them as one ``TokenBatch``.
+    """New tokens of many requests, gathered until ``take`` makes them one ``TokenBatch``.
 
-    A request that adds tokens twice before a flush keeps one entry (its parts in order)."""
+    At most one entry per request: a request with tokens here already must be taken first (its
+    tokens would otherwise not be contiguous in the batch)."""
 
     def __init__(self) -> None:
-        self._requests: dict[str, _Pending] = {}
+        self._clear()
+
+    def _clear(self) -> None:
+        self.request_ids: list[str] = []
+        self._known: set[str] = set()
+        self.starts: list[int] = []
+        self.lengths: list[int] = []
+        self.prompt_lengths: list[int] = []
+        self.arrays: tuple[list[np.ndarray], ...] = ([], [], [], [])  # token_ids, logprobs, top1, versions
+        self.prompts: list[np.ndarray] = []
 
     def __bool__(self) -> bool:
-        return bool(self._requests)
+        return bool(self.request_ids)
 
     def __contains__(self, request_id: str) -> bool:
-        return request_id in self._requests
+        return request_id in self._known
 
     def add(self, request_id: str, start: int, token_ids: np.ndarray, logprobs: np.ndarray,
             top1_logprobs: np.ndarray, versions: np.ndarray, prompt: np.ndarray | None = None) -> None:
         """Tokens ``start ..`` of a request (``prompt`` with its first tokens)."""
-        pending = self._requests.get(request_id)
-        if pending is None:
-            pending = self._requests[request_id] = _Pending(start, prompt)
-        pending.parts.append((token_ids, logprobs, top1_logprobs, versions))
+        if request_id in self._known:
+            raise ValueError(f"{request_id!r} already has tokens in this batch: take() them first")
+        self._known.add(request_id)
+        self.request_ids.append(request_id)
+        self.starts.append(start)
+        self.lengths.append(len(token_ids))
+        ids, lps, top1, vers = self.arrays
+        ids.append(token_ids)
+        lps.append(logprobs)
+        top1.append(top1_logprobs)
+        vers.append(versions)
+        if prompt is None:
+            self.prompt_lengths.append(0)
+        else:
+            self.prompts.append(prompt)
+            self.prompt_lengths.append(len(prompt))
 
     def take(self, sampler_id: str) -> P.TokenBatch | None:
         """Everything gathered as one batch (None if nothing), and an empty buffer."""
-        if not self._requests:
+        if not self.request_ids:
             return None
-        requests, self._requests = self._requests, {}
-        ids, lps, top1, vers, prompts = [], [], [], [], []
-        starts, lengths, prompt_lengths = [], [], []
-        for pending in requests.values():
-            n = 0
-            for t, lp, t1, v in pending.parts:
-                ids.append(t)
-                lps.append(lp)
-                top1.append(t1)
-                vers.append(v)
-                n += len(t)
-            starts.append(pending.start)
-            lengths.append(n)
-            if pending.prompt is None:
-                prompt_lengths.append(0)
-            else:
-                prompts.append(pending.prompt)
-                prompt_lengths.append(len(pending.prompt))
-        return P.TokenBatch(
+        ids, lps, top1, vers = self.arrays
+        batch = P.TokenBatch(
             sampler_id=sampler_id,
-            request_ids=list(requests),
-            starts=np.array(starts, np.int32),
-            lengths=np.array(lengths, np.int32),
+            request_ids=self.request_ids,
+            starts=np.array(self.starts, np.int32),
+            lengths=np.array(self.lengths, np.int32),
             token_ids=np.concatenate(ids).astype(np.int32, copy=False),
             logprobs=np.concatenate(lps).astype(np.float32, copy=False),
             top1_logprobs=np.concatenate(top1).astype(np.float32, copy=False),
             versions=np.concatenate(vers).astype(np.int32, copy=False),
-            prompt_lengths=np.array(prompt_lengths, np.int32),
-            prompt_token_ids=np.concatenate(prompts).astype(np.int32, copy=False) if prompts else np.zeros(0, np.int32),
+            prompt_lengths=np.array(self.prompt_lengths, np.int32),
+            prompt_token_ids=np.concatenate(self.prompts).astype(np.int32, copy=False) if self.prompts
+            else np.zeros(0, np.int32),
         )
+        self._clear()
+        return batch
 
 
 class Sampler(Actor):
@@ -526,6 +527,8 @@ class Sampler(Actor):
         after all of them, so one engine step leaves as one frame per destination."""
         if not self.streams or req.work.purpose != "train":
             return  # evaluation and shadow rollouts are never judged by the stopper
+        if req.work.request_id in self.stream_buffer:
+            self._flush_streams()  # a second chunk in one loop pass (not vLLM's way): its own frame
         self.stream_buffer.add(req.work.request_id, req.n, chunk.token_ids, chunk.logprobs, chunk.top1_logprobs,
                                versions, req.work.prompt_token_ids if first else None)
         if self.flush_handle is None:

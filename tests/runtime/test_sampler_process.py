@@ -131,6 +131,27 @@ async def test_cancel_aborts_in_flight_keeps_tokens_up_to_the_stop_and_frees_the
         )
 
 
+def test_token_buffer_makes_one_batch_of_its_requests_in_order():
+    from actors.samplers.base import TokenBuffer
+
+    buf = TokenBuffer()
+    assert not buf and buf.take("sampler-0") is None
+    f32, i32 = np.float32, np.int32
+    buf.add("a", 0, np.array([7, 8], i32), np.array([-1, -2], f32), np.array([-.5, -.5], f32), np.array([3, 3], i32),
+            np.array([1, 2, 3], i32))
+    buf.add("b", 5, np.array([9], i32), np.array([-3], f32), np.array([-.5], f32), np.array([4], i32))
+    assert "a" in buf and "b" in buf and "c" not in buf
+    with pytest.raises(ValueError, match="already has tokens"):
+        buf.add("a", 2, np.array([1], i32), np.zeros(1, f32), np.zeros(1, f32), np.zeros(1, i32))
+    batch = P.decode(P.encode(buf.take("sampler-0")))
+    assert not buf and "a" not in buf and buf.take("sampler-0") is None  # taken: empty again
+    a, b = batch.chunks()
+    assert (a.request_id, a.start, a.token_ids.tolist(), a.prompt_token_ids.tolist()) == ("a", 0, [7, 8], [1, 2, 3])
+    assert a.logprobs.tolist() == [-1, -2] and a.versions.tolist() == [3, 3]
+    assert (b.request_id, b.start, b.token_ids.tolist(), b.prompt_token_ids) == ("b", 5, [9], None)
+    assert b.logprobs.tolist() == [-3] and b.versions.tolist() == [4]
+
+
 async def test_one_token_batch_per_engine_step_for_many_concurrent_streams(tmp_path, tiny_model_dir, tokenizer):
     """16 streams generating in lockstep (the fake engine: one token per request per loop pass,
     all released at once by the weights they wait for): every engine step leaves as ONE frame
