@@ -1,22 +1,31 @@
 """Bus throughput: token events per second through the protocol + ZeroMQ layer, against the
 engine's token rate.
 
-    python bench/bus.py            # full: 300k events per transport and chunk size
-    python bench/bus.py --quick    # 50k events, tcp only, and a shorter engine measurement
+    python bench/bus.py            # full: 300k token events per transport and frame shape
+    python bench/bus.py --quick    # 50k token events, tcp only, and a shorter engine measurement
+    python bench/bus.py --quick --tokens 5000 --engine-rate 2411 --out /tmp/bus.json   # a sanity run
 
 Side by side in one invocation:
 
 * **engine**: the sampler's vLLM engine (configs/default.yaml: same model, engine arguments,
   pinning to core 0) generating ``--engine-prompts`` task prompts (8 samples each) submitted at
   once (the offline baseline of bench/streaming.py); its tokens/s is the rate the bus must carry.
-* **bus**: a producer process pinned to the sampler's core does what the sampler does per
-  engine output: build a ``TokenChunk`` (1 token by default: vLLM streams one token per request
+* **bus**, chunk rows: a producer process pinned to the sampler's core does what the sampler
+  did per engine output until it batched: build a ``TokenChunk`` (1 token by default: vLLM streams one token per request
   per engine step), encode it with the real codec (``protocols.encode``) and send it on a ZeroMQ
   PUSH socket made by the runtime's ``Transport`` (asyncio + uvloop, as in the actors); a
   consumer process pinned to the stopper's core receives with ``Transport.recv`` (decode and
   validation included) on a PULL socket. Sends are blocking (backpressure), so nothing is
-  dropped and the rate is the sustained end-to-end rate. events/s = events / (first .. last
-  receive at the consumer).
+  dropped and the rate is the sustained end-to-end rate. frames/s = frames / (first .. last
+  receive at the consumer); tokens/s = token events / the same window.
+* **bus**, batch rows (``--modes``): what the sampler does now, per engine step: each of
+  ``--streams`` requests adds its 1 new token to the sampler's ``TokenBuffer``, which builds
+  ONE ``TokenBatch`` (64 streams x 1 token: the real per-step shape), encoded and sent as one
+  frame; the consumer also walks the batch's per-request entries, as the stopper and critic do.
+  Both kinds of rows run in the same invocation.
+
+``--engine-rate`` skips the engine measurement and uses the rate given (a quick sanity run of
+the bus alone; the ratios are then only as good as that number).
 
 ratio = bus token events/s / engine tokens/s (target >= 20). In a run every engine token becomes
 two token events (stopper and critic sockets) and, at value_interval 1, one value event into the
@@ -43,7 +52,7 @@ RID = "g{}/arith-train-{:06d}#{}"
 
 
 # ------------------------------------------------------------------------------------ workers
-async def _producer(addr: str, n: int, chunk: int, streams: int, prompt_len: int) -> dict:
+async def _producer(addr: str, n: int, chunk: int, streams: int, prompt_len: int, mode: str = "chunk") -> dict:
     import numpy as np
     import zmq
 
@@ -66,7 +75,20 @@ async def _producer(addr: str, n: int, chunk: int, streams: int, prompt_len: int
     t0 = time.time()
     sent = 0
     i = 0
-    while sent < n:
+    if mode == "batch":  # one frame per engine step: every stream's new tokens, as the sampler sends them
+        from actors.samplers.base import TokenBuffer
+
+        buffer = TokenBuffer()
+        while sent < n:
+            for k in range(streams):
+                j = (i * streams + k) % pool
+                buffer.add(rids[k], starts[k], ids_pool[j : j + chunk], lp_pool[j : j + chunk],
+                           top1_pool[j : j + chunk], ver_pool[j : j + chunk], prompt if starts[k] == 0 else None)
+                starts[k] += chunk
+            await sock.send(P.encode(buffer.take("sampler-0")), copy=False)
+            i += 1
+            sent += streams * chunk
+    while mode == "chunk" and sent < n:
         k = i % streams
         i += 1
         m = min(chunk, n - sent)
@@ -94,7 +116,7 @@ async def _consumer(addr: str, n_events: int) -> dict:
 
     tr = Transport({"stopper_stream": addr}, hwm=1000)
     sock = tr.socket(zmq.PULL, "stopper_stream", bind=True)
-    got = tokens = 0
+    got = tokens = requests = 0
     t_first = t_last = None
     gaps = []
     async with asyncio.timeout(600):  # one deadline for the whole run (no per-message timer)
@@ -105,12 +127,18 @@ async def _consumer(addr: str, n_events: int) -> dict:
                 t_first = now
             if isinstance(msg, P.TokenChunk):
                 tokens += len(msg.token_ids)
+                requests += 1
+            elif isinstance(msg, P.TokenBatch):
+                for e in msg.entries():  # the receivers' per-request walk
+                    tokens += e.hi - e.lo
+                    requests += 1
             got += 1
             if got % 1000 == 0:
                 gaps.append(now)
             t_last = now
     tr.close()
-    return {"t_first": t_first, "t_last": t_last, "events": got, "tokens": tokens, "bad_frames": tr.errors["bad_frames"],
+    return {"t_first": t_first, "t_last": t_last, "events": got, "tokens": tokens, "requests": requests,
+            "bad_frames": tr.errors["bad_frames"],
             "per_1000_s": [b - a for a, b in zip(gaps, gaps[1:])]}
 
 
@@ -123,19 +151,22 @@ def worker(role: str, args_json: str) -> None:
     except ImportError:
         run = asyncio.run
     if role == "producer":
-        res = run(_producer(a["addr"], a["n"], a["chunk"], a["streams"], a["prompt_len"]))
+        res = run(_producer(a["addr"], a["n"], a["chunk"], a["streams"], a["prompt_len"], a["mode"]))
     else:
         res = run(_consumer(a["addr"], a["n_events"]))
     Path(a["out"]).write_text(json.dumps(res))
 
 
-def bus_run(transport: str, n_tokens: int, chunk: int, streams: int, prod_cpus, cons_cpus) -> dict:
+def bus_run(transport: str, n_tokens: int, chunk: int, streams: int, prod_cpus, cons_cpus, mode: str = "chunk") -> dict:
+    """mode "chunk": one TokenChunk of ``chunk`` tokens per frame; "batch": one TokenBatch of
+    ``streams`` requests x ``chunk`` tokens per frame (whole frames: up to a frame over n_tokens)."""
     from espo_async.runtime.transport import cleanup_ipc, resolve_addresses
 
     job = C.run_dir_for(f"bus-{transport}", keep=False)
     addrs = resolve_addresses(transport, str(job))
     addr = addrs["stopper_stream"]
-    n_events = -(-n_tokens // chunk)
+    per_frame = chunk * (streams if mode == "batch" else 1)
+    n_events = -(-n_tokens // per_frame)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
     def spawn(role, cpus, extra):
@@ -145,7 +176,8 @@ def bus_run(transport: str, n_tokens: int, chunk: int, streams: int, prod_cpus, 
 
     cons = spawn("consumer", cons_cpus, {"n_events": n_events})
     time.sleep(1.0)
-    prod = spawn("producer", prod_cpus, {"n": n_tokens, "chunk": chunk, "streams": streams, "prompt_len": 24})
+    prod = spawn("producer", prod_cpus, {"n": n_tokens, "chunk": chunk, "streams": streams, "prompt_len": 24,
+                                         "mode": mode})
     rc_p, rc_c = prod.wait(timeout=900), cons.wait(timeout=900)
     if rc_p or rc_c:
         raise RuntimeError(f"bus workers failed: producer {rc_p}, consumer {rc_c}")
@@ -154,7 +186,8 @@ def bus_run(transport: str, n_tokens: int, chunk: int, streams: int, prod_cpus, 
     cleanup_ipc(addrs)
     C.remove_run(job, keep=False)
     window = c["t_last"] - c["t_first"]
-    return {"transport": transport, "chunk_tokens": chunk, "events": c["events"], "tokens": c["tokens"],
+    return {"transport": transport, "mode": mode, "chunk_tokens": chunk,
+            "requests_per_frame": streams if mode == "batch" else 1, "events": c["events"], "tokens": c["tokens"],
             "window_s": window, "events_per_s": c["events"] / window, "tokens_per_s": c["tokens"] / window,
             "producer_s": p["t1"] - p["t0"], "bad_frames": c["bad_frames"],
             "per_1000_events_s": C.stats(c["per_1000_s"]), "loadavg": C.loadavg()}
@@ -190,7 +223,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=None, help="token events per bus run (default 300k, quick 50k)")
     ap.add_argument("--chunk", type=int, nargs="+", default=None, help="tokens per chunk (default 1 4; quick 1)")
     ap.add_argument("--transport", nargs="+", choices=["ipc", "tcp"], default=None)
+    ap.add_argument("--modes", nargs="+", choices=["chunk", "batch"], default=["chunk", "batch"],
+                    help="chunk: a TokenChunk per request per frame (rows per --chunk); batch: a TokenBatch of "
+                         "--streams requests x 1 token per frame (one engine step)")
     ap.add_argument("--streams", type=int, default=64, help="concurrent request ids (the sampler's slots)")
+    ap.add_argument("--engine-rate", type=float, default=None,
+                    help="engine tokens/s to compare with, instead of measuring it (sanity runs of the bus alone)")
     ap.add_argument("--engine-prompts", type=int, default=None, help="prompts (x8 samples) for the engine rate")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -205,20 +243,25 @@ def main(argv=None) -> int:
     cfg = C.bench_config(args.set)
     prod_cpus, cons_cpus = cfg.actors.sampler.cpus, (cfg.actors.stopper.cpus if cfg.actors.stopper else None)
 
-    print(f"[{NAME}] engine ... (load {C.loadavg()})", file=sys.stderr, flush=True)
-    engine = asyncio.run(engine_rate(args))
+    if args.engine_rate:
+        engine = {"tokens_per_s": args.engine_rate, "given": True, "loadavg": C.loadavg()}
+    else:
+        print(f"[{NAME}] engine ... (load {C.loadavg()})", file=sys.stderr, flush=True)
+        engine = asyncio.run(engine_rate(args))
     print(f"[{NAME}] engine: {engine['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
+    shapes = [("chunk", ch) for ch in chunks if "chunk" in args.modes] + [("batch", 1)] * ("batch" in args.modes)
     runs = []
     for tr in transports:
-        for ch in chunks:
-            print(f"[{NAME}] bus {tr} chunk {ch} ... (load {C.loadavg()})", file=sys.stderr, flush=True)
-            r = bus_run(tr, n, ch, args.streams, prod_cpus, cons_cpus)
+        for mode, ch in shapes:
+            print(f"[{NAME}] bus {tr} {mode} {ch} ... (load {C.loadavg()})", file=sys.stderr, flush=True)
+            r = bus_run(tr, n, ch, args.streams, prod_cpus, cons_cpus, mode)
             r["ratio_vs_engine"] = r["tokens_per_s"] / engine["tokens_per_s"]
             r["ratio_vs_2x_engine"] = r["tokens_per_s"] / (2 * engine["tokens_per_s"])
             runs.append(r)
     C.print_table([{"transport": "engine", "tokens_per_s": engine["tokens_per_s"], "load": engine["loadavg"]}] + runs,
-                  [("transport", "run", ""), ("chunk_tokens", "tok/chunk", "d"), ("events", "events", "d"),
-                   ("window_s", "window s", ".2f"), ("events_per_s", "events/s", ".0f"),
+                  [("transport", "run", ""), ("mode", "frame", ""), ("requests_per_frame", "req/frame", "d"),
+                   ("chunk_tokens", "tok/req", "d"), ("events", "frames", "d"),
+                   ("window_s", "window s", ".2f"), ("events_per_s", "frames/s", ".0f"),
                    ("tokens_per_s", "tokens/s", ".0f"), ("ratio_vs_engine", "x engine", ".1f"),
                    ("ratio_vs_2x_engine", "x 2*engine", ".1f"), ("loadavg", "load", "")])
     C.finish(NAME, args, {"engine": engine, "runs": runs, "target_ratio": 20.0}, meta)
