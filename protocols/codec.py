@@ -24,7 +24,16 @@ SCHEMA_VERSION = 2
 History: 1, the first format. 2, ``TokenBatch`` (kind ``token_batch``): a sampler sends the new
 tokens of all its streams of one engine step as one frame (the bus costs ~30 us per frame
 whatever it holds, and 64 frames per step delayed cancels in the sampler's loop); a peer of
-version 1 would not know the kind."""
+version 1 would not know the kind. Nothing else changed, so frames of version 1 still decode
+(``KIND_SINCE``): the learner's trajectory log of a run started before keeps every record."""
+
+OLDEST_READABLE_VERSION = 1
+"""Frames from this version up to ``SCHEMA_VERSION`` decode (each kind from the version that
+introduced it); writing is always ``SCHEMA_VERSION``. Raise it when a message that existed
+before changes."""
+
+KIND_SINCE = {"token_batch": 2}
+"""The schema version that introduced a kind (kinds not listed: version 1)."""
 
 ARRAY_EXT = 1
 """msgpack extension type code of an ndarray."""
@@ -131,8 +140,7 @@ def decode(frame: bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MA
         raise ProtocolError(f"malformed frame envelope (expected [version, kind, body]): {exc}") from None
     except Exception as exc:  # noqa: BLE001 - the contract is: only ProtocolError escapes
         raise ProtocolError(f"malformed frame envelope: {type(exc).__name__}: {exc}") from None
-    if version != SCHEMA_VERSION:
-        raise ProtocolError(f"unsupported schema version {version} (this build speaks {SCHEMA_VERSION})")
+    _check_version(version, kind)
     decoder = _BODY_DECODERS.get(kind)
     if decoder is None:
         raise ProtocolError(f"unknown message kind {kind!r} (known: {sorted(KINDS)})")
@@ -152,6 +160,15 @@ def kind_of(frame: bytes) -> str:
         version, kind, _ = _ENVELOPE.decode(frame)
     except Exception as exc:  # noqa: BLE001
         raise ProtocolError(f"malformed frame envelope: {exc}") from None
-    if version != SCHEMA_VERSION:
-        raise ProtocolError(f"unsupported schema version {version} (this build speaks {SCHEMA_VERSION})")
+    _check_version(version, kind)
     return kind
+
+
+def _check_version(version: int, kind: str) -> None:
+    if not OLDEST_READABLE_VERSION <= version <= SCHEMA_VERSION:
+        raise ProtocolError(
+            f"unsupported schema version {version} (this build speaks {SCHEMA_VERSION} and reads "
+            f"{OLDEST_READABLE_VERSION}..{SCHEMA_VERSION})"
+        )
+    if version < KIND_SINCE.get(kind, 1):
+        raise ProtocolError(f"message kind {kind!r} needs schema version {KIND_SINCE[kind]}, the frame says {version}")

@@ -303,6 +303,46 @@ def test_token_batch_from_chunks_needs_one_sampler():
         P.TokenBatch.from_chunks([])
 
 
+def _as_version(frame: bytes, version: int) -> bytes:
+    _, kind, body = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    return msgpack.packb([version, kind, body], use_bin_type=True)
+
+
+@given(st.one_of(*(s for cls, s in STRATEGIES.items() if cls is not P.TokenBatch)))
+def test_version_1_frames_of_kinds_it_had_still_decode(msg):
+    """Version 2 only added TokenBatch: a version-1 frame (e.g. a record of an older run's
+    trajectory log) decodes to the same message."""
+    old = _as_version(P.encode(msg), 1)
+    assert P.kind_of(old) == msg.KIND
+    assert P.encode(P.decode(old)) == P.encode(msg)
+
+
+def test_a_version_1_frame_cannot_hold_a_token_batch():
+    frame = _as_version(P.encode(P.TokenBatch(**_batch_fields())), 1)
+    for read in (P.decode, P.kind_of):
+        with pytest.raises(P.ProtocolError, match="'token_batch' needs schema version 2, the frame says 1"):
+            read(frame)
+
+
+@settings(max_examples=20)
+@given(st.lists(trajectory(), min_size=1, max_size=3), trajectory())
+def test_a_trajectory_log_of_version_1_records_is_kept_and_replayed(old, new):
+    import struct
+    import tempfile
+    from pathlib import Path
+
+    from espo_async.runtime.trajectory_log import TrajectoryLog, replay
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trajectories.log"
+        frames = [_as_version(P.encode(t), 1) for t in old]
+        path.write_bytes(b"".join(struct.pack("<I", len(f)) + f for f in frames))
+        log = TrajectoryLog(path)  # opening it cuts only a damaged tail: nothing here
+        log.append(new)
+        log.close()
+        assert [P.encode(t) for t in replay(path)] == [P.encode(t) for t in old + [new]]
+
+
 def test_kind_of_reads_the_tag_without_the_body():
     assert P.kind_of(P.encode(P.Shutdown(reason="done"))) == "shutdown"
     with pytest.raises(P.ProtocolError):
