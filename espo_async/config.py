@@ -196,8 +196,41 @@ class TaskConfig(_Section):
 
 
 class DeepSpeedConfig(_Section):
+    """The learner's DeepSpeed setup. ``world_size > 1``: data-parallel training over that many
+    ranks (processes): rank 0 is the learner actor, ranks 1..N-1 are worker processes it starts
+    on its own host (espo_async/training/data_parallel.py; docs/cluster.md, "A learner on several
+    ranks"). Under a launcher (``deepspeed``/``torchrun``) the launcher's RANK/WORLD_SIZE win."""
+
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Merged into the generated DeepSpeed config.")
+    world_size: int = Field(
+        1, ge=1, le=1024,
+        description="Learner ranks (data parallel). 1: one process (no workers). N > 1: the learner (rank 0) "
+        "starts N-1 worker processes on its host; on GPUs rank r uses the r-th device the learner sees "
+        "(actors.learner.env.CUDA_VISIBLE_DEVICES must list N), on CPU they train with gloo.",
+    )
+    worker_cpus: list[list[int]] | None = Field(
+        None,
+        description="CPU ids each worker rank (1..N-1) is pinned to, one list per worker (Linux); null: the "
+        "workers inherit the learner's CPUs (actors.learner.cpus).",
+    )
+    timeout_s: float = Field(
+        600.0, gt=0,
+        description="With world_size > 1: how long a rank waits in a collective inside a step or a save "
+        "(and for the workers to start) before it fails; a dead rank is usually noticed at once (its "
+        "connections close), a hung one after this.",
+    )
+
+    @model_validator(mode="after")
+    def _check_ranks(self) -> DeepSpeedConfig:
+        if self.worker_cpus is not None:
+            if len(self.worker_cpus) != self.world_size - 1:
+                raise ValueError(f"worker_cpus needs one CPU list per worker rank: {self.world_size - 1} "
+                                 f"(world_size {self.world_size}), got {len(self.worker_cpus)}")
+            for i, cpus in enumerate(self.worker_cpus):
+                if not cpus or any(c < 0 for c in cpus):
+                    raise ValueError(f"worker_cpus[{i}] (rank {i + 1}): a non-empty list of CPU ids >= 0, got {cpus}")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
