@@ -378,12 +378,18 @@ def train_critic_mc(trainer: PPOTrainer, samples: list[TrainSample]) -> dict[str
     """One critic update on complete responses with Monte-Carlo returns: ``algo.epochs`` x
     ``algo.minibatches`` optimiser steps with the trainer's clipped value loss (clipped around
     the values before the update), micro-batched like every other pass. Call it under the
-    learner's trainer lock; returns float metrics (``critic_loss`` among them)."""
+    learner's trainer lock; returns float metrics (``critic_loss`` among them). With several
+    ranks (data_parallel.py) rank 0 has every rank run it on the same samples; each takes its
+    share of the rows, as in ``train_step``."""
+    with trainer._op("train_critic_mc", samples=samples):
+        return _train_critic_mc(trainer, samples)
+
+
+def _train_critic_mc(trainer: PPOTrainer, samples: list[TrainSample]) -> dict[str, float]:
     import torch
 
     from espo_async.core.advantages import masked_mean
-    from espo_async.training.batch import pack_responses, plan_micro_batches
-    from espo_async.training.trainer import _Inputs
+    from espo_async.training.batch import pack_responses
 
     kept = [s for s in samples if len(s.response_ids) > 0 and len(s.prompt_ids) > 0]
     if not kept or trainer.critic_engine is None:
@@ -391,13 +397,7 @@ def train_critic_mc(trainer: PPOTrainer, samples: list[TrainSample]) -> dict[str
     algo = trainer.algo
     resp = pack_responses(kept)
     n_rows, t_max = resp.mask.shape
-    values = torch.zeros(n_rows, t_max + 1)
-    plan = plan_micro_batches(range(n_rows), resp.prompt_lengths, resp.lengths, max_tokens=trainer.micro_batch_tokens)
-    with torch.no_grad():
-        for rows in plan:
-            x = _Inputs(kept, rows, trainer.pad_id, trainer.device)
-            v = trainer.critic_engine(x.input_ids, x.attention_mask, x.position_ids)
-            values[x.rows, : x.t + 1] = v[:, x.p - 1:].float().cpu()
+    values = trainer._rollout_pass(kept, resp, policy=False)["values"]
     boot = values.gather(1, resp.lengths[:, None])[:, 0]
     ret = monte_carlo_returns(values[:, :t_max], boot, resp.mask, resp.endings, resp.task_rewards,
                               gamma=algo.gamma, r_fail=trainer.cfg.stop.r_fail, truncation=algo.truncation)

@@ -24,6 +24,11 @@
    policy and critic in two DeepSpeed engines with their own AdamW and learning rates;
 6. returns float metrics.
 
+Several ranks (``deepspeed.world_size`` > 1, ``data_parallel.py``): every rank holds the whole
+batch and computes steps 1, 3 and 4 on it (GAE whitening and GRPO groups stay batch-wide); the
+model passes of steps 2 and 5 are split by rows, and each rank's loss is scaled so that the
+gradient DeepSpeed averages over ranks is the one-rank gradient (see "data parallel" below).
+
 Other choices: dropout is off (models stay in eval mode, so pi_old and pi_theta are the same
 function at the first update); logits are divided by ``rollout.temperature`` (the sampling
 distribution; 1.0 by default), so samplers must report log-probs of the same distribution;
@@ -41,6 +46,7 @@ import random
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -92,26 +98,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_distributed() -> None:
-    """A one-process gloo group (DeepSpeed needs torch.distributed; no launcher, no MPI)."""
+def init_distributed(*, backend: str = "gloo", timeout_s: float | None = None) -> None:
+    """The process group DeepSpeed trains in (it needs torch.distributed; no MPI).
+
+    Already initialised (the data-parallel learner, espo_async/training/data_parallel.py, sets
+    its group up first): nothing to do. Started by a launcher (``deepspeed``, ``torchrun``:
+    ``WORLD_SIZE`` > 1 and ``RANK`` in the environment): joins that group through ``env://``,
+    leaving RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and LOCAL_RANK as the launcher set them
+    (every rank must then call ``train_step`` with the same batch). Otherwise a one-process group
+    (rank 0, world size 1)."""
+    import datetime
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        return
+    _skip_shm_comm_op()
+    timeout = datetime.timedelta(seconds=float(timeout_s)) if timeout_s else None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group(backend, init_method="env://", **({"timeout": timeout} if timeout else {}))
         return
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
-    _skip_shm_comm_op()
 
 
 def _skip_shm_comm_op() -> None:
-    """One process needs no shared-memory collectives: keep DeepSpeed's CPU backend from
-    JIT-compiling its ``deepspeed_shm_comm`` C++ op (minutes on a fresh 2-core machine). Its
-    backend treats an op marked incompatible as absent (``build_shm_op`` returns None)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        return
+    """Keep DeepSpeed's CPU backend from JIT-compiling its ``deepspeed_shm_comm`` C++ op
+    (minutes on a fresh 2-core machine): it only serves DeepSpeed's *inference* all-reduce, which
+    training never calls, at any world size. The backend treats an op marked incompatible as
+    absent (``build_shm_op`` returns None); CUDA builds have no such op."""
     try:
         import deepspeed.ops
 
@@ -225,7 +244,23 @@ class PPOTrainer:
         self.seed = int(cfg.run.seed)
         temperature = cfg.rollout.temperature
 
-        init_distributed()
+        import torch.distributed as dist
+
+        init_distributed(backend="nccl" if self.device.type == "cuda" else "gloo",
+                         timeout_s=cfg.deepspeed.timeout_s)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        if self.device.type == "cuda" and self.device.index is None and self.world_size > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # (set_device needs an index: plain "cuda" is the current one)
+        # collectives of this class (gathers of the no-grad pass, metrics) run where the backend can
+        self._comm_device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        # world_size > 1 with a command loop (data_parallel.py): rank 0 tells the workers which
+        # operation to run before it runs it itself (see _op); None on workers and with one rank
+        self.commands = None
+        self._op_lock = threading.RLock()
+        self._op_depth = 0
         import deepspeed
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -307,8 +342,98 @@ class PPOTrainer:
         else:
             yield
 
+    # -- data parallel (world_size > 1; with one rank every helper is the identity) ---------------
+    # Every rank holds the whole batch (rank 0 broadcasts it, data_parallel.py) and computes the
+    # same filtering, packing, advantages (GAE whitening and GRPO groups are batch-wide) and
+    # minibatch order. Only model passes are split: each rank runs its share of the rows
+    # (_shard), the no-grad pass is gathered back (_all_reduce of zero-filled tensors: every row
+    # belongs to one rank), and each rank's loss is its rows' share of the *global* minibatch
+    # loss (loss units counted over the whole minibatch) times world_size, because DeepSpeed
+    # averages gradients over ranks: the averaged gradient is then exactly the gradient of the
+    # one-rank loss. Metrics are summed over ranks (_sum_metrics), so every rank returns the
+    # one-rank metrics (up to float rounding).
+    @contextlib.contextmanager
+    def _op(self, name: str, *, collective: bool = True, **payload):
+        """One public operation. On rank 0 of a command loop it first tells the workers to run the
+        same operation (``commands.send``) so that every rank enters the same collectives in the
+        same order; ``collective=False``: the workers have no part in it (rank 0 alone). Nested
+        operations and workers send nothing. A failure with several ranks breaks the group: it is
+        re-raised as a ``DataParallelError`` naming the ranks' state."""
+        with self._op_lock:
+            if self.commands is not None and self._op_depth == 0 and collective:
+                self.commands.send(name, payload)
+            self._op_depth += 1
+            try:
+                yield
+            except Exception as exc:
+                if self.commands is not None and self._op_depth == 1:
+                    raise self.commands.broken(name, exc) from exc
+                raise
+            finally:
+                self._op_depth -= 1
+
+    def _all_reduce(self, t: torch.Tensor, *, op: str = "sum") -> torch.Tensor:
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        x = t.to(self._comm_device)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return x.to(t.device)
+
+    def _barrier(self) -> None:
+        self._all_reduce(torch.zeros(1))
+
+    def _shard(self, rows, resp: ResponseBatch) -> list[int]:
+        """This rank's rows: ``rows`` sorted by padded length, dealt round-robin (balanced tokens)."""
+        rows = list(rows)
+        if self.world_size == 1:
+            return rows
+        order = sorted(rows, key=lambda r: (int(resp.prompt_lengths[r]) + int(resp.lengths[r]), r))
+        return order[self.rank::self.world_size]
+
+    def _rank_plan(self, rows, resp: ResponseBatch) -> tuple[list[list[int] | None], list[int]]:
+        """(this rank's micro-batches over its share of ``rows``, a dummy row). The plan is padded
+        with ``None`` to as many micro-batches as the busiest rank has: ZeRO-3 gathers parameters
+        in every forward and ZeRO-2 reduces gradients in every backward, both collectively, so
+        every rank must make the same calls. A ``None`` entry runs the model on the dummy row (the
+        shortest of ``rows``) and throws the result away (no-grad pass) or backpropagates zero."""
+        rows = list(rows)
+        mine = self._shard(rows, resp)
+        plan: list[list[int] | None] = list(plan_micro_batches(mine, resp.prompt_lengths, resp.lengths,
+                                                               max_tokens=self.micro_batch_tokens)) if mine else []
+        dummy = [min(rows, key=lambda r: (int(resp.prompt_lengths[r]) + int(resp.lengths[r]), r))] if rows else []
+        if self.world_size > 1:
+            n = int(self._all_reduce(torch.tensor([len(plan)], dtype=torch.int64), op="max")[0])
+            plan += [None] * (n - len(plan))
+        return plan, dummy
+
+    def _sum_metrics(self, st: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+        """Per-rank shares of minibatch metrics -> their sums over ranks (keys any rank had)."""
+        if self.world_size == 1:
+            return st
+        extra = set(st) - set(keys)
+        assert not extra, f"metrics {sorted(extra)} are not reduced over ranks"
+        v = torch.tensor([st.get(k, 0.0) for k in keys] + [float(k in st) for k in keys], dtype=torch.float64)
+        v = self._all_reduce(v)
+        n = len(keys)
+        return {k: float(v[i]) for i, k in enumerate(keys) if float(v[n + i]) > 0}
+
+    def close(self) -> None:
+        """With a command loop: stop the worker ranks (they exit) and wait for them. Idempotent;
+        nothing to do with one rank."""
+        if self.commands is not None:
+            with self._op_lock:
+                self.commands.close()
+
     # -- the step ------------------------------------------------------------------------------
     def train_step(self, samples: list[TrainSample], *, step: int, learner_version: int) -> dict[str, float]:
+        """One PPO/GRPO step on ``samples`` (see the module docstring); returns float metrics.
+        With several ranks every rank gets the whole batch and returns the same metrics."""
+        with self._op("train_step", samples=samples, step=step, learner_version=learner_version):
+            return self._train_step(samples, step=step, learner_version=learner_version)
+
+    def _train_step(self, samples: list[TrainSample], *, step: int, learner_version: int) -> dict[str, float]:
         t0 = time.perf_counter()
         algo = self.algo
         kept, n_empty, groups_dropped, samples_dropped = filter_samples(
@@ -379,29 +504,41 @@ class PPOTrainer:
         return {k: float(v) for k, v in metrics.items()}
 
     # -- step 2: no-grad pass ------------------------------------------------------------------
-    def _rollout_pass(self, samples: list[TrainSample], resp: ResponseBatch) -> dict[str, torch.Tensor | None]:
+    def _rollout_pass(self, samples: list[TrainSample], resp: ResponseBatch, *,
+                      policy: bool = True) -> dict[str, torch.Tensor | None]:
+        """pi_old log-probs, entropies, values V(s_0..s_T) and reference log-probs of every row
+        (``policy=False``: values only). With several ranks each computes its share of the rows
+        and the results are gathered, so every rank returns the whole batch's tensors."""
         n_rows, t_max = resp.mask.shape
         logp = torch.zeros(n_rows, t_max)
         ent = torch.zeros(n_rows, t_max)
         values = torch.zeros(n_rows, t_max + 1) if self.critic_engine is not None else None
-        ref = torch.zeros(n_rows, t_max) if self.ref is not None else None
-        plan = plan_micro_batches(range(n_rows), resp.prompt_lengths, resp.lengths, max_tokens=self.micro_batch_tokens)
+        ref = torch.zeros(n_rows, t_max) if self.ref is not None and policy else None
+        plan, dummy = self._rank_plan(range(n_rows), resp)
         # engines: no_grad (DeepSpeed hooks may touch parameters); the frozen reference: inference_mode
         with torch.no_grad():
             for rows in plan:
-                x = _Inputs(samples, rows, self.pad_id, self.device)
+                real = rows is not None
+                x = _Inputs(samples, rows if real else dummy, self.pad_id, self.device)
                 r_ids = x.response_ids(resp, self.device)
-                lp, en = self.policy_engine(x.input_ids, x.attention_mask, x.position_ids, r_ids, True)
-                logp[x.rows, : x.t] = lp.float().cpu()
-                ent[x.rows, : x.t] = en.float().cpu()
+                if policy:
+                    lp, en = self.policy_engine(x.input_ids, x.attention_mask, x.position_ids, r_ids, True)
+                    if real:
+                        logp[x.rows, : x.t] = lp.float().cpu()
+                        ent[x.rows, : x.t] = en.float().cpu()
                 if values is not None:
                     v = self.critic_engine(x.input_ids, x.attention_mask, x.position_ids)
-                    values[x.rows, : x.t + 1] = v[:, x.p - 1:].float().cpu()
-                if ref is not None:
+                    if real:
+                        values[x.rows, : x.t + 1] = v[:, x.p - 1:].float().cpu()
+                if ref is not None and real:
                     with torch.inference_mode():
                         rlp, _ = self.ref(x.input_ids, x.attention_mask, x.position_ids, r_ids, False)
                         rlp = rlp.float().cpu()
                     ref[x.rows, : x.t] = rlp.clone()
+        if self.world_size > 1:  # every row was computed by exactly one rank, zeros elsewhere
+            logp, ent = self._all_reduce(logp), self._all_reduce(ent)
+            values = self._all_reduce(values) if values is not None else None
+            ref = self._all_reduce(ref) if ref is not None else None
         zero = lambda t: torch.where(resp.mask, t, torch.zeros_like(t))  # noqa: E731
         out = {"logp": zero(logp), "entropy": zero(ent), "values": values,
                "ref_logp": zero(ref) if ref is not None else None}
@@ -463,16 +600,21 @@ class PPOTrainer:
         units = loss_units(pmask, pg_kind, top_frac=algo.entropy_is_top_frac)
         aux_units = loss_units(pmask, aux_agg)
         tok_units = max(int(pmask.sum()), 1)
-        if units == 0:
+        if units == 0:  # (counted over the whole minibatch: every rank takes the same branch)
             return {}
-        plan = plan_micro_batches(rows, resp.prompt_lengths, resp.lengths, max_tokens=self.micro_batch_tokens)
+        plan, dummy = self._rank_plan(rows, resp)
         need_ent = algo.entropy_coef > 0
         st: dict[str, float] = {}
         for i, mrows in enumerate(plan):
+            eng.set_gradient_accumulation_boundary(i == len(plan) - 1)
+            if mrows is None:  # this rank has no rows left: a zero gradient keeps it in step
+                x = _Inputs(samples, dummy, self.pad_id, self.device)
+                logp, _ = eng(x.input_ids, x.attention_mask, x.position_ids, x.response_ids(resp, self.device), False)
+                eng.backward(logp.sum() * 0.0)
+                continue
             x = _Inputs(samples, mrows, self.pad_id, self.device)
             sl = (x.rows, slice(0, x.t))
             mask = adv.policy_mask[sl].to(self.device)
-            eng.set_gradient_accumulation_boundary(i == len(plan) - 1)
             logp, ent = eng(x.input_ids, x.attention_mask, x.position_ids, x.response_ids(resp, self.device), need_ent)
             old_lp = old["logp"][sl].to(self.device)
             a = adv.advantages[sl].to(self.device)
@@ -495,12 +637,13 @@ class PPOTrainer:
             if need_ent:
                 e = aggregate(ent, mask, aux_agg)
                 loss = loss - algo.entropy_coef * aux_frac * e
-            eng.backward(loss)
+            eng.backward(loss * self.world_size if self.world_size > 1 else loss)  # DeepSpeed averages over ranks
             st["policy_loss"] = st.get("policy_loss", 0.0) + frac * float(pg.detach())
             tok_frac = int(mask.sum()) / tok_units
             for key in ("clipfrac", "approx_kl"):
                 if key in s:
                     st[key] = st.get(key, 0.0) + tok_frac * s[key]
+        st = self._sum_metrics(st, ("policy_loss", "kl", "clipfrac", "approx_kl"))
         st["grad_norm"] = self._step(eng)
         return st
 
@@ -511,20 +654,25 @@ class PPOTrainer:
         units = int(adv.critic_mask[r].sum())
         if units == 0:
             return {}
-        plan = plan_micro_batches(rows, resp.prompt_lengths, resp.lengths, max_tokens=self.micro_batch_tokens)
+        plan, dummy = self._rank_plan(rows, resp)
         st: dict[str, float] = {}
         for i, mrows in enumerate(plan):
+            eng.set_gradient_accumulation_boundary(i == len(plan) - 1)
+            if mrows is None:  # as in _policy_minibatch
+                x = _Inputs(samples, dummy, self.pad_id, self.device)
+                eng.backward(eng(x.input_ids, x.attention_mask, x.position_ids).sum() * 0.0)
+                continue
             x = _Inputs(samples, mrows, self.pad_id, self.device)
             sl = (x.rows, slice(0, x.t))
             mask = adv.critic_mask[sl].to(self.device)
-            eng.set_gradient_accumulation_boundary(i == len(plan) - 1)
             v = eng(x.input_ids, x.attention_mask, x.position_ids)[:, x.p - 1: x.p - 1 + x.t]
             vl, s = value_loss(v, old["values"][sl].to(self.device), adv.returns[sl].to(self.device), mask,
                                clip=algo.value_clip, agg="token")
             frac = int(mask.sum()) / units
-            eng.backward(vl * (algo.value_coef * frac))
+            eng.backward(vl * (algo.value_coef * frac * self.world_size))  # DeepSpeed averages over ranks
             st["critic_loss"] = st.get("critic_loss", 0.0) + frac * float(vl.detach())
             st["vf_clipfrac"] = st.get("vf_clipfrac", 0.0) + frac * s["vf_clipfrac"]
+        st = self._sum_metrics(st, ("critic_loss", "vf_clipfrac"))
         st["critic_grad_norm"] = self._step(eng)
         return st
 
@@ -541,21 +689,36 @@ class PPOTrainer:
         return float(gn)
 
     # -- weights -------------------------------------------------------------------------------
+    # With several ranks only rank 0 writes files. Under ZeRO-3 the full weights exist only
+    # inside GatheredParameters, a collective: every rank enters it (the workers then drop what
+    # they gathered); under stages 0-2 every rank holds full weights and rank 0 writes alone
+    # (``collective=False``: the workers are not told). DeepSpeed's save_checkpoint and
+    # load_checkpoint are collective at every stage (each rank writes/reads its own ZeRO
+    # partition of the optimiser states), so every rank takes part in those.
     def _policy_state_dict(self) -> dict[str, torch.Tensor]:
+        """The policy's HF state dict (cloned out of the gather under ZeRO-3); {} on ranks > 0."""
         from espo_async.engines.weights import to_state_dict
 
         lm = self.policy.lm
         with self._full_params(lm):
+            if self.rank != 0:
+                return {}
             return {k: v.clone() for k, v in to_state_dict(lm).items()} if self.zero_stage == 3 else to_state_dict(lm)
 
     def save_policy_weights(self, path: Path, *, digest: bool = True, durable: bool = True) -> tuple[str, int]:
         """The policy as one safetensors file with HF parameter names (tied ``lm_head.weight``
         dropped), in the training dtype; atomic (see ``publish_safetensors``: the per-step weight
-        sync passes ``digest=False, durable=False``). Returns (sha256 or "", nbytes)."""
+        sync passes ``digest=False, durable=False``). Returns (sha256 or "", nbytes); ("", 0) on
+        ranks > 0, which write nothing."""
         from espo_async.engines.weights import publish_safetensors
 
-        return publish_safetensors(self._policy_state_dict(), path, durable=durable, digest=digest,
-                                   metadata={"format": "pt", "step": str(self.global_step)})
+        with self._op("save_policy_weights", collective=self.zero_stage == 3, path=str(path), digest=digest,
+                      durable=durable):
+            sd = self._policy_state_dict()
+            if self.rank != 0:
+                return "", 0
+            return publish_safetensors(sd, path, durable=durable, digest=digest,
+                                       metadata={"format": "pt", "step": str(self.global_step)})
 
     def save_critic_weights(self, path: Path, *, digest: bool = True, durable: bool = True) -> tuple[str, int]:
         """The value model (``backbone.*`` + ``head.*``, see value_model.py) as safetensors; atomic."""
@@ -563,7 +726,10 @@ class PPOTrainer:
             raise RuntimeError("this run has no critic (advantage 'grpo' and no critic actor)")
         from espo_async.engines.weights import publish_safetensors, to_state_dict
 
-        with self._full_params(self.critic):
+        with self._op("save_critic_weights", collective=self.zero_stage == 3, path=str(path), digest=digest,
+                      durable=durable), self._full_params(self.critic):
+            if self.rank != 0:
+                return "", 0
             sd = to_state_dict(self.critic)
             if self.zero_stage == 3:
                 sd = {k: v.clone() for k, v in sd.items()}
@@ -573,58 +739,86 @@ class PPOTrainer:
 
     def export_hf(self, dir: Path) -> None:  # noqa: A002 - the brief's name
         """The current policy as a HF checkpoint directory (config, generation config, tokenizer,
-        safetensors) loadable by transformers and vLLM; written atomically."""
+        safetensors) loadable by transformers and vLLM; written atomically (by rank 0)."""
         from transformers import AutoTokenizer
 
-        lm = self.policy.lm
-        with _atomic_dir(Path(dir)) as tmp:
-            sd = self._policy_state_dict()
-            lm.save_pretrained(tmp, state_dict=sd)
-            with quiet_loading():
-                AutoTokenizer.from_pretrained(self.policy_dir).save_pretrained(tmp)
-            src_gen = Path(self.policy_dir) / "generation_config.json"
-            if src_gen.is_file() and not (tmp / "generation_config.json").is_file():
-                shutil.copy2(src_gen, tmp / "generation_config.json")
+        with self._op("export_hf", collective=self.zero_stage == 3, dir=str(dir)):
+            if self.rank != 0:
+                self._policy_state_dict()  # ZeRO-3: its part of the gather
+                return
+            lm = self.policy.lm
+            with _atomic_dir(Path(dir)) as tmp:
+                sd = self._policy_state_dict()
+                lm.save_pretrained(tmp, state_dict=sd)
+                with quiet_loading():
+                    AutoTokenizer.from_pretrained(self.policy_dir).save_pretrained(tmp)
+                src_gen = Path(self.policy_dir) / "generation_config.json"
+                if src_gen.is_file() and not (tmp / "generation_config.json").is_file():
+                    shutil.copy2(src_gen, tmp / "generation_config.json")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, dir: Path, extra: dict | None = None) -> None:  # noqa: A002
         """Both DeepSpeed engines (module, optimiser, lr scheduler), step counter, RNG states,
-        the reference weights (if any) and an optional JSON-able ``extra``; atomic swap."""
+        the reference weights (if any) and an optional JSON-able ``extra``; atomic swap. With
+        several ranks: called on rank 0, every rank writes its ZeRO partitions into rank 0's
+        temporary folder (which must be on storage all ranks see: one host, or shared)."""
+        if self.rank != 0:
+            raise RuntimeError("save_checkpoint is called on rank 0 (the workers run write_checkpoint)")
+        with self._op_lock, _atomic_dir(Path(dir)) as tmp:
+            with self._op("write_checkpoint", dir=str(tmp)):
+                self.write_checkpoint(tmp, extra)
+
+    def write_checkpoint(self, dir: Path, extra: dict | None = None) -> None:  # noqa: A002
+        """The checkpoint's files into an existing folder (every rank; ``save_checkpoint`` swaps it in)."""
         from safetensors.torch import save_file
 
-        with _atomic_dir(Path(dir)) as tmp:
-            client = {"global_step": self.global_step}
-            self.policy_engine.save_checkpoint(str(tmp / "policy"), tag=_TAG, client_state=client)
-            if self.critic_engine is not None:
-                self.critic_engine.save_checkpoint(str(tmp / "critic"), tag=_TAG, client_state=client)
-            if self.ref is not None:
-                save_file({k: v.contiguous() for k, v in self.ref.lm.state_dict().items()
-                           if not (k == "lm_head.weight" and self.ref.lm.config.tie_word_embeddings)},
-                          str(tmp / "reference.safetensors"))
-            torch.save({
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            }, tmp / "rng_state.pt")
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                "global_step": self.global_step,
-                "has_critic": self.critic_engine is not None,
-                "has_reference": self.ref is not None,
-                "zero_stage": self.zero_stage,
-                "dtype": self.cfg.model.dtype,
-                "extra": extra,
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        tmp = Path(dir)
+        client = {"global_step": self.global_step}
+        self.policy_engine.save_checkpoint(str(tmp / "policy"), tag=_TAG, client_state=client)
+        if self.critic_engine is not None:
+            self.critic_engine.save_checkpoint(str(tmp / "critic"), tag=_TAG, client_state=client)
+        if self.world_size > 1:
+            self._barrier()  # every rank's partition is written before rank 0 swaps the folder in
+        if self.rank != 0:
+            return
+        if self.ref is not None:
+            save_file({k: v.contiguous() for k, v in self.ref.lm.state_dict().items()
+                       if not (k == "lm_head.weight" and self.ref.lm.config.tie_word_embeddings)},
+                      str(tmp / "reference.safetensors"))
+        torch.save({
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }, tmp / "rng_state.pt")
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "global_step": self.global_step,
+            "has_critic": self.critic_engine is not None,
+            "has_reference": self.ref is not None,
+            "zero_stage": self.zero_stage,
+            "world_size": self.world_size,
+            "dtype": self.cfg.model.dtype,
+            "extra": extra,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
     def load_checkpoint(self, dir: Path) -> dict | None:  # noqa: A002
-        """Restore a ``save_checkpoint`` directory; returns the ``extra`` it was saved with."""
+        """Restore a ``save_checkpoint`` directory (every rank); returns the ``extra`` it was saved with."""
+        with self._op("load_checkpoint", dir=str(dir)):
+            return self._load_checkpoint(Path(dir))
+
+    def _load_checkpoint(self, d: Path) -> dict | None:
         from safetensors.torch import load_file
 
-        d = Path(dir)
         state = json.loads((d / "trainer_state.json").read_text())
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{d}: unsupported trainer checkpoint format {state.get('format')}")
+        saved_ranks = int(state.get("world_size", 1))
+        if saved_ranks != self.world_size and int(state.get("zero_stage", 0)) > 0:
+            raise ValueError(
+                f"{d}: saved by {saved_ranks} rank(s) with ZeRO stage {state.get('zero_stage')}, this learner has "
+                f"{self.world_size}: DeepSpeed keeps one optimiser partition per rank and cannot load them into "
+                "another number of ranks (resume with the same deepspeed.world_size)")
         path, _ = self.policy_engine.load_checkpoint(str(d / "policy"), tag=_TAG)
         if path is None:
             raise FileNotFoundError(f"{d / 'policy'}: no DeepSpeed checkpoint")

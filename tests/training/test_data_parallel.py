@@ -1,0 +1,338 @@
+"""The learner on several ranks (espo_async/training/data_parallel.py) on CPU with gloo.
+
+Rank 0 runs in a driver subprocess (this file run as a module: ``python -m
+tests.training.test_data_parallel SPEC.json``) and starts its worker rank itself, exactly as the
+learner actor does; the one-rank reference runs in the test process. Every driver run starts two
+Python processes that import torch, transformers and DeepSpeed (~10-15 s each on a 2-core box).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_cfg(stage: int, world: int, timeout_s: float = 60.0, **algo):
+    from espo_async.config import parse_config
+
+    base = {"lr": 1e-3, "critic_lr": 1e-3}
+    base.update(algo)
+    return parse_config({"algo": base, "rollout": {"max_tokens": 48},
+                         "deepspeed": {"zero_stage": stage, "world_size": world, "timeout_s": timeout_s}})
+
+
+# The update of the equivalence tests: several minibatches of uneven size, micro-batches small
+# enough that the two ranks' plans differ in length (dummy passes), the KL to a reference (a
+# third model pass) and the entropy bonus.
+ALGO = {"minibatches": 3, "kl_coef": 0.05, "entropy_coef": 0.01}
+MICRO_BATCH_TOKENS = 160
+
+
+def batches():
+    from tests.training.test_trainer import make_batch
+
+    # the T-PPO critic batch has a single row: rank 1 has nothing to do but keep in step
+    return make_batch(seed=5), make_batch(seed=6), make_batch(seed=11, n_groups=1, per_group=1)
+
+
+def _build(spec: dict):
+    from espo_async.models.tiny import build_tiny_model
+    from espo_async.training.data_parallel import make_trainer
+
+    tiny = str(build_tiny_model(None))
+    cfg = make_cfg(spec["stage"], spec["world"], spec.get("timeout_s", 60.0), **spec.get("algo", {}))
+    work = Path(spec["work"])
+    return make_trainer(cfg, tiny, tiny, critic_from_policy=True, work_dir=work / "learner",
+                        micro_batch_tokens=spec.get("micro_batch_tokens"), log_dir=work / "logs")
+
+
+# ------------------------------------------------------------------------------------ driver
+def _driver(spec_path: str) -> None:
+    """Rank 0 of a two-rank learner; writes what it saw to spec["out"] (JSON)."""
+    from espo_async.training.data_parallel import DataParallelError
+    from espo_async.training.tppo import train_critic_mc
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.set_num_threads(1)
+    work = Path(spec["work"])
+    out: dict = {}
+
+    def dump() -> None:
+        tmp = Path(spec["out"] + ".tmp")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, spec["out"])
+
+    t0 = time.monotonic()
+    tr = _build(spec)
+    out["start_seconds"] = time.monotonic() - t0
+    out["workers"] = [w.proc.pid for w in tr.commands.workers]
+    b1, b2, b_critic = batches()
+    mode = spec["mode"]
+    if mode == "equiv":
+        t0 = time.monotonic()
+        out["m1"] = tr.train_step(b1, step=1, learner_version=0)
+        out["step_seconds"] = time.monotonic() - t0
+        out["mc"] = train_critic_mc(tr, b_critic)
+        tr.save_policy_weights(work / "policy1.safetensors")
+        tr.save_critic_weights(work / "critic1.safetensors")
+        tr.save_checkpoint(work / "ckpt")
+        tr.train_step(b2, step=2, learner_version=1)
+        tr.save_policy_weights(work / "policy2.safetensors")
+        tr.load_checkpoint(work / "ckpt")  # every rank reads its own partitions back
+        tr.train_step(b2, step=2, learner_version=1)
+        tr.save_policy_weights(work / "policy2b.safetensors")
+        tr.export_hf(work / "hf")
+        tr.close()
+        out["exit_codes"] = tr.commands.close()
+    elif mode in ("kill", "hang"):
+        tr.train_step(b1, step=1, learner_version=0)
+        victim = tr.commands.workers[0].proc
+        update = tr._update
+
+        def update_after_losing_the_worker(*args, **kwargs):  # mid-step: after the gathered no-grad pass
+            if mode == "kill":
+                victim.kill()
+                victim.wait()
+            else:
+                os.kill(victim.pid, signal.SIGSTOP)  # alive, silent: only the timeout can tell
+            return update(*args, **kwargs)
+
+        tr._update = update_after_losing_the_worker
+        t0 = time.monotonic()
+        try:
+            tr.train_step(b2, step=2, learner_version=1)
+            out["error"] = None
+        except DataParallelError as exc:
+            out["error"] = str(exc)
+        out["error_seconds"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        try:  # the group is broken: the next operation fails at once
+            tr.save_checkpoint(work / "ckpt")
+            out["error2"] = None
+        except DataParallelError as exc:
+            out["error2"] = str(exc)
+        out["error2_seconds"] = time.monotonic() - t0
+        tr.close()
+        out["exit_codes"] = tr.commands.close()
+    elif mode == "orphan":
+        tr.train_step(b1, step=1, learner_version=0)
+        out["ready"] = True
+        dump()
+        time.sleep(600)  # the test kills this process
+    dump()
+
+
+# ------------------------------------------------------------------------------------ helpers
+def run_driver(tmp_path: Path, mode: str, *, stage: int = 2, timeout: float = 240, **spec) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    spec = {"mode": mode, "stage": stage, "world": 2, "work": str(tmp_path), "out": str(tmp_path / "out.json"), **spec}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.training.test_data_parallel", str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        _kill_tree(proc)
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    out["output"] = text
+    return out
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # an in-process trainer's
+        env.pop(key, None)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    import psutil
+
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    for p in [proc, *kids]:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def _gone(pid: int, within: float) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _assert_close(a: dict, b: dict, *, atol: float, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=1e-4), (what, k, worst)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -------------------------------------------------------------------------------------- tests
+def test_codec_round_trips_samples_without_pickle():
+    from espo_async.training.data_parallel import decode, encode
+
+    b1, _, _ = batches()
+    msg = {"op": "train_step", "args": {"samples": b1, "step": np.int64(3), "learner_version": 2}}
+    back = decode(encode(msg))
+    assert back["args"]["step"] == 3 and len(back["args"]["samples"]) == len(b1)
+    for x, y in zip(b1, back["args"]["samples"]):
+        assert x.ending == y.ending and x.group_id == y.group_id and x.task_reward == y.task_reward
+        for name in ("prompt_ids", "response_ids", "behaviour_logprobs", "versions"):
+            u, v = getattr(x, name), getattr(y, name)
+            assert u.dtype == v.dtype and np.array_equal(u, v) and v.flags.writeable
+    with pytest.raises(TypeError):
+        encode({"x": object()})
+
+
+def test_config_world_size_validated():
+    from espo_async.config import ConfigError, parse_config
+
+    assert parse_config({}).deepspeed.world_size == 1
+    assert parse_config({"deepspeed": {"world_size": 3, "worker_cpus": [[0], [1]]}}).deepspeed.worker_cpus == [[0], [1]]
+    for bad in ({"world_size": 0}, {"world_size": 2, "worker_cpus": [[0], [1]]}, {"world_size": 2, "worker_cpus": [[]]},
+                {"timeout_s": 0}):
+        with pytest.raises(ConfigError):
+            parse_config({"deepspeed": bad})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_update_like_one(tmp_path, stage):
+    """World size 2 (ZeRO-2 / ZeRO-3, gloo): the same parameters and metrics as world size 1 on
+    the same batch; the critic's T-PPO update with one row (rank 1: dummy passes only); weights
+    gathered for the files (ZeRO-3), a checkpoint written and read back by both ranks, the HF
+    export; the worker exits when rank 0 stops."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from espo_async.engines.weights import to_state_dict
+    from espo_async.training.tppo import train_critic_mc
+
+    out = run_driver(tmp_path / "dp", "equiv", stage=stage, algo=ALGO, micro_batch_tokens=MICRO_BATCH_TOKENS)
+    assert out["exit_codes"] == [0]
+    assert _gone(out["workers"][0], 5.0)
+
+    ref = _build({"stage": stage, "world": 1, "work": str(tmp_path / "ref"), "algo": ALGO,
+                  "micro_batch_tokens": MICRO_BATCH_TOKENS})
+    assert ref.world_size == 1 and ref.commands is None
+    b1, _, b_critic = batches()
+    m1 = ref.train_step(b1, step=1, learner_version=0)
+    mc = train_critic_mc(ref, b_critic)
+    for key in ("n_samples", "n_tokens", "policy_loss", "critic_loss", "kl", "entropy", "clipfrac", "approx_kl",
+                "grad_norm", "critic_grad_norm", "adv_mean", "adv_std", "value_mean", "return_mean"):
+        assert out["m1"][key] == pytest.approx(m1[key], rel=1e-3, abs=1e-5), key
+    for key in ("critic_loss", "critic_rollouts", "critic_grad_norm"):
+        assert out["mc"][key] == pytest.approx(mc[key], rel=1e-3, abs=1e-5), key
+
+    dp = tmp_path / "dp"
+    with ref._full_params(ref.policy.lm):
+        policy = {k: v.clone() for k, v in to_state_dict(ref.policy.lm).items()}
+    with ref._full_params(ref.critic):
+        critic = {k: v.clone() for k, v in to_state_dict(ref.critic).items()}
+    _assert_close(load_file(str(dp / "policy1.safetensors")), policy, atol=2e-5, what="policy")
+    _assert_close(load_file(str(dp / "critic1.safetensors")), critic, atol=2e-5, what="critic")
+
+    # resumed through the command loop: both ranks load their partitions, the next step agrees
+    p2, p2b = load_file(str(dp / "policy2.safetensors")), load_file(str(dp / "policy2b.safetensors"))
+    assert any(not torch.equal(p2[k], load_file(str(dp / "policy1.safetensors"))[k]) for k in p2)
+    _assert_close(p2, p2b, atol=1e-6, what="resume")
+    state = json.loads((dp / "ckpt" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["zero_stage"] == stage
+    parts = sorted(p.name for p in (dp / "ckpt" / "policy" / "state").iterdir())
+    assert any("rank_1" in name for name in parts), parts  # rank 1 wrote its ZeRO partition
+    hf = AutoModelForCausalLM.from_pretrained(str(dp / "hf"))
+    _assert_close({k: v for k, v in hf.state_dict().items() if k in p2b}, p2b, atol=0.0, what="export")
+
+    # a checkpoint of two ZeRO ranks does not load into one
+    with pytest.raises(ValueError, match="2 rank"):
+        ref.load_checkpoint(dp / "ckpt")
+    assert "stopped by rank 0" in (dp / "logs" / "learner-rank1.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["kill", "hang"])
+def test_lost_worker_fails_rank0_loudly(tmp_path, mode):
+    """A worker SIGKILLed in the middle of a step: rank 0's next collective fails at once (the
+    connection closes) with a DataParallelError naming the rank and its exit; a worker that hangs
+    (SIGSTOP) fails it after deepspeed.timeout_s. Afterwards every operation fails at once."""
+    timeout_s = 8.0
+    out = run_driver(tmp_path, mode, timeout_s=timeout_s)
+    assert out["error"] is not None, "the step did not fail"
+    assert "rank 1" in out["error"] and "train_step" in out["error"], out["error"]
+    if mode == "kill":
+        assert "SIGKILL" in out["error"], out["error"]
+        assert out["error_seconds"] < 10.0, out["error_seconds"]
+    else:
+        assert "running" in out["error"], out["error"]  # rank 1 alive, silent
+        assert timeout_s - 1 <= out["error_seconds"] < timeout_s + 15, out["error_seconds"]
+    assert out["error2"] is not None and out["error2_seconds"] < 5.0, out
+    assert _gone(out["workers"][0], 10.0)
+
+
+@pytest.mark.slow
+def test_worker_dies_with_rank0(tmp_path):
+    """rank 0 SIGKILLed (no chance to stop anyone): its worker exits by itself (no orphan)."""
+    spec = {"mode": "orphan", "stage": 2, "world": 2, "work": str(tmp_path), "out": str(tmp_path / "out.json")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.training.test_data_parallel", str(tmp_path / "spec.json")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    worker = None
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "out.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the driver did not get ready"
+            time.sleep(0.2)
+        worker = json.loads((tmp_path / "out.json").read_text())["workers"][0]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert _gone(worker, 5.0), "the worker outlived rank 0"
+    finally:
+        _kill_tree(proc)
+        if worker is not None:
+            try:
+                os.kill(worker, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1])
