@@ -112,14 +112,17 @@ class Learner(Actor):
         self.last_metrics: dict[str, float] = {}
 
     def _make_trainer(self):
+        """The trainer; with ``deepspeed.world_size`` > 1 (or under a launcher) this process is rank
+        0 of a data-parallel group whose other ranks follow its every trainer call
+        (espo_async/training/data_parallel.py); nothing else here changes."""
         import torch
 
-        from espo_async.training.trainer import PPOTrainer
+        from espo_async.training.data_parallel import make_trainer
 
         device = self.cfg.model.learner_device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return PPOTrainer(
+        return make_trainer(
             self.cfg,
             self.assets.policy_dir,
             self.assets.critic_dir,
@@ -128,6 +131,7 @@ class Learner(Actor):
             device=device,
             micro_batch_tokens=self.cfg.algo.micro_batch_tokens,
             gradient_checkpointing=self.cfg.algo.gradient_checkpointing,
+            log_dir=self.run_dir / "logs",
         )
 
     def heartbeat_counters(self) -> dict[str, float]:
@@ -575,8 +579,12 @@ class Learner(Actor):
         (if any) finishes first (the trainer lock); the log keeps what was received since."""
         if hasattr(self, "wal"):
             self.wal.close()
-        if self.status != "failed" and 0 < self.step < self.cfg.run.total_steps and hasattr(self, "trainer"):
-            await asyncio.to_thread(self._save_checkpoint)
-            self.log.info("checkpoint saved at step %d; rerun with --run-dir to resume", self.step)
+        try:
+            if self.status != "failed" and 0 < self.step < self.cfg.run.total_steps and hasattr(self, "trainer"):
+                await asyncio.to_thread(self._save_checkpoint)
+                self.log.info("checkpoint saved at step %d; rerun with --run-dir to resume", self.step)
+        finally:
+            if hasattr(self, "trainer"):  # the worker ranks (deepspeed.world_size > 1) exit
+                await asyncio.to_thread(self.trainer.close)
         if hasattr(self, "metrics"):
             self.metrics.close()

@@ -334,5 +334,73 @@ def test_worker_dies_with_rank0(tmp_path):
                 pass
 
 
+# ------------------------------------------------------------------------- the whole system
+def _workers_of(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    out = []
+    for k in kids:
+        try:
+            if "espo_async.training.data_parallel" in " ".join(k.cmdline()):
+                out.append(k.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.slow
+async def test_run_with_a_two_rank_learner(tmp_path, tiny_model_dir):
+    """run.py's system (fake samplers and critic, configs/fake.yaml's actors) with
+    deepspeed.world_size 2: the learner starts its worker, trains, checkpoints (both ranks'
+    ZeRO partitions), and the worker exits with the run."""
+    from espo_async.runtime.metrics import read_metrics
+    from tests.runtime.system import fake_config, run_system
+
+    cfg = fake_config(deepspeed={"world_size": 2, "zero_stage": 2}, task={"eval_problems": 0})
+    result = await run_system(cfg, tmp_path, timeout=240)
+    assert result.exit_code == 0, result.reason
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert all(np.isfinite(r["policy_loss"]) and np.isfinite(r["grad_norm"]) for r in read_metrics(tmp_path))
+    log = (tmp_path / "logs" / "learner.log").read_text()
+    assert "data-parallel learner: 2 ranks" in log
+    pid = int(log.split("rank 1 pid ")[1].split()[0])
+    assert _gone(pid, 5.0)
+    assert "stopped by rank 0" in (tmp_path / "logs" / "learner-rank1.log").read_text()
+    parts = [p.name for p in (tmp_path / "checkpoint" / "trainer" / "policy" / "state").iterdir()]
+    assert any("zero_pp_rank_1" in name for name in parts), parts
+    assert (tmp_path / "final" / "config.json").is_file()
+
+
+@pytest.mark.slow
+async def test_worker_crash_restarts_the_learner_which_resumes(tmp_path, tiny_model_dir):
+    """The learner's worker is SIGKILLed mid-run: the learner fails loudly (DataParallelError
+    naming rank 1), its supervisor restarts it with a new worker, it resumes from its checkpoint
+    and the run finishes."""
+    from espo_async.runtime.metrics import read_metrics
+    from tests.reliability.system_run import SystemRun, faults_config
+
+    cfg = faults_config(run={"total_steps": 4, "checkpoint_every": 1},
+                        deepspeed={"world_size": 2, "zero_stage": 2, "timeout_s": 60})
+    async with SystemRun(cfg, tmp_path) as run:
+        await run.wait(lambda: run.counters("learner").get("step", 0) >= 2, 240, "learner step 2")
+        learner = run.sup.actors["learner"].proc.pid
+        (old,) = _workers_of(learner)
+        os.kill(old, signal.SIGKILL)
+        await run.wait_event("learner", "lost", 60)
+        await run.wait_event("learner", "up", 120)
+        new = _workers_of(run.sup.actors["learner"].proc.pid)
+        result = await run.finish(240)
+    assert result.exit_code == 0, result.reason
+    assert [r["step"] for r in read_metrics(tmp_path)][-1] == cfg.run.total_steps
+    log = (tmp_path / "logs" / "learner.log").read_text()
+    assert "DataParallelError" in log and f"rank 1 (pid {old})" in log and "SIGKILL" in log, log[-3000:]
+    assert "resumed from step" in log
+    assert new and all(_gone(pid, 10.0) for pid in [old, *new])
+
+
 if __name__ == "__main__":
     _driver(sys.argv[1])
