@@ -164,7 +164,7 @@ class Critic(Actor):
             return True
         self.counters["tokens_out_of_vocab"] += 1
         self.log.warning("stream %r has token ids outside the critic's vocabulary [0, %d): no values for it",
-                         request_id[:200], vocab)
+                         request_id[:200], self.model.vocab_size)
         return False
 
     async def _broadcast_loop(self) -> None:

@@ -55,3 +55,34 @@ async def test_one_token_batch_is_one_value_model_call_for_all_its_streams(tmp_p
             assert hb.counters.get("end_unknown", 0) == 0 and hb.counters.get("handler_errors", 0) == 0
         finally:
             push.close()
+
+
+async def test_a_stream_of_a_batch_the_critic_cannot_embed_breaks_alone(tmp_path, tiny_model_dir):
+    """A batch whose entries include a prompt and tokens outside the vocabulary (the HF critic):
+    those two streams get no values; the others of the same batch do, with no model error."""
+    cfg = parse_config({
+        "actors": {"critic": {"class": "actors.critics.hf:HFCritic", "options": {"max_batch": 8}}},
+        "transport": {"heartbeat_interval_s": 0.1},
+    })
+    assets = {"policy_dir": tiny_model_dir, "critic_dir": tiny_model_dir, "critic_from_policy": True}
+    async with ActorHarness(cfg, tmp_path, "critic", binds=["stopper_stream", "broadcast"], assets=assets) as h:
+        await h.start(timeout=120)
+        push = zmq.asyncio.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(h.addresses["critic_stream"])
+        try:
+            chunks = list(step_batch(["good-a", "bad-prompt", "bad-tokens", "good-b"], 0, 3).chunks())
+            chunks[1].prompt_token_ids = np.array([1, 10**6, 5], np.int32)
+            chunks[2].token_ids = np.array([4, -3, 6], np.int32)
+            await push.send(P.encode(P.TokenBatch.from_chunks(chunks)))
+            got = {}
+            for _ in range(2):
+                msg = await h.recv("stopper_stream", timeout=60)
+                got[msg.request_id] = msg.positions.tolist()
+                assert np.isfinite(msg.values).all()
+            assert got == {"good-a": [0, 1, 2, 3], "good-b": [0, 1, 2, 3]}
+            hb = await h.wait_heartbeat(lambda hb: hb.counters.get("tokens_out_of_vocab") == 2
+                                        and hb.counters.get("value_batches") == 1)
+            assert hb.counters.get("value_errors", 0) == 0 and hb.counters.get("handler_errors", 0) == 0
+        finally:
+            push.close()
