@@ -417,6 +417,9 @@ def make_trainer(cfg, policy_dir: str, critic_dir: str, *, critic_from_policy: b
                                 cpus=cfg.deepspeed.worker_cpus)
         log.info("data-parallel learner: %d ranks (ZeRO stage %d, %s); workers %s", world, cfg.deepspeed.zero_stage,
                  backend, ", ".join(f"rank {w.rank} pid {w.proc.pid}" for w in workers))
+    else:
+        log.info("data-parallel learner: rank 0 of %d ranks started by a launcher (ZeRO stage %d, %s, master %s:%s)",
+                 world, cfg.deepspeed.zero_stage, backend, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
     commands: Commands | None = None
     try:
         channel = _watched(workers, lambda: _join_group(backend, timeout_s), "joining the process group")
@@ -507,7 +510,9 @@ def worker_main() -> int:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         channel = _join_group(backend, timeout_s)
-        log.info("joined: rank %d of %d (%s), waiting for rank 0", rank, dist.get_world_size(), backend)
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "any"
+        log.info("joined: rank %d of %d (%s, CPUs %s, %d threads), waiting for rank 0", rank, dist.get_world_size(),
+                 backend, cpus, torch.get_num_threads())
         init = decode(channel.recv())
         if init.get("op") != "init":
             raise DataParallelError(f"expected init from rank 0, got {init.get('op')!r}")

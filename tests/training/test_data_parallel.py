@@ -360,7 +360,7 @@ async def test_run_with_a_two_rank_learner(tmp_path, tiny_model_dir):
     from espo_async.runtime.metrics import read_metrics
     from tests.runtime.system import fake_config, run_system
 
-    cfg = fake_config(deepspeed={"world_size": 2, "zero_stage": 2}, task={"eval_problems": 0})
+    cfg = fake_config(deepspeed={"world_size": 2, "zero_stage": 2, "worker_cpus": [[0]]}, task={"eval_problems": 0})
     result = await run_system(cfg, tmp_path, timeout=240)
     assert result.exit_code == 0, result.reason
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
@@ -369,7 +369,9 @@ async def test_run_with_a_two_rank_learner(tmp_path, tiny_model_dir):
     assert "data-parallel learner: 2 ranks" in log
     pid = int(log.split("rank 1 pid ")[1].split()[0])
     assert _gone(pid, 5.0)
-    assert "stopped by rank 0" in (tmp_path / "logs" / "learner-rank1.log").read_text()
+    worker_log = (tmp_path / "logs" / "learner-rank1.log").read_text()
+    assert "stopped by rank 0" in worker_log
+    assert "CPUs [0]," in worker_log  # deepspeed.worker_cpus
     parts = [p.name for p in (tmp_path / "checkpoint" / "trainer" / "policy" / "state").iterdir()]
     assert any("zero_pp_rank_1" in name for name in parts), parts
     assert (tmp_path / "final" / "config.json").is_file()
@@ -400,6 +402,47 @@ async def test_worker_crash_restarts_the_learner_which_resumes(tmp_path, tiny_mo
     assert "DataParallelError" in log and f"rank 1 (pid {old})" in log and "SIGKILL" in log, log[-3000:]
     assert "resumed from step" in log
     assert new and all(_gone(pid, 10.0) for pid in [old, *new])
+
+
+@pytest.mark.slow
+def test_launcher_starts_the_ranks(tmp_path, tiny_model_dir):
+    """Path (b) on one host: a head runs every role but the learner; ``torchrun`` starts two
+    ranks of ``python -m espo_async.training.data_parallel --join ...``: rank 0 becomes the
+    learner (run.py, learner role), rank 1 a worker; RANK/WORLD_SIZE/MASTER_* are torchrun's."""
+    from espo_async.runtime.metrics import read_metrics
+
+    head_dir, learner_dir = tmp_path / "head", tmp_path / "learner"
+    sets = ["transport.kind=tcp", "run.total_steps=2", "run.tensorboard=false", "task.eval_problems=0",
+            "deepspeed.zero_stage=2"]
+    head = subprocess.Popen([sys.executable, "run.py", "--config", "configs/fake.yaml",
+                             *[x for kv in sets for x in ("--set", kv)],
+                             "--roles", "coordinator,stopper,critic,sampler", "--run-dir", str(head_dir)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+    ranks = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (head_dir / "join.json").is_file():
+            assert head.poll() is None and time.monotonic() < deadline, "the head did not start"
+            time.sleep(0.2)
+        torchrun = Path(sys.executable).parent / "torchrun"
+        ranks = subprocess.Popen([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m",
+                                  "espo_async.training.data_parallel", "--join", str(head_dir / "join.json"),
+                                  "--run-dir", str(learner_dir), "--host-name", "learner"],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+        out, _ = ranks.communicate(timeout=240)
+        text = out.decode(errors="replace")
+        assert ranks.returncode == 0, text[-4000:]
+        head_out, _ = head.communicate(timeout=60)
+        assert head.returncode == 0, head_out.decode(errors="replace")[-3000:]
+    finally:
+        for p in (head, ranks):
+            if p is not None:
+                _kill_tree(p)
+    assert [r["step"] for r in read_metrics(learner_dir)] == [1, 2]
+    assert "joined: rank 1 of 2" in text and "stopped by rank 0" in text
+    assert "rank 0 of 2 ranks started by a launcher" in (learner_dir / "logs" / "learner.log").read_text()
+    parts = [p.name for p in (learner_dir / "checkpoint" / "trainer" / "policy" / "state").iterdir()]
+    assert any("zero_pp_rank_1" in name for name in parts), parts
 
 
 if __name__ == "__main__":
