@@ -155,25 +155,25 @@ class TokenBuffer:
             self.prompt_lengths.append(len(prompt))
 
     def take(self, sampler_id: str) -> P.TokenBatch | None:
-        """Everything gathered as one batch (None if nothing), and an empty buffer."""
+        """Everything gathered as one batch (None if nothing), and an empty buffer (also when
+        the batch cannot be built: ValueError, e.g. an engine chunk with fewer logprobs than ids)."""
         if not self.request_ids:
             return None
-        ids, lps, top1, vers = self.arrays
-        batch = P.TokenBatch(
+        rids, starts, lengths, prompt_lengths = self.request_ids, self.starts, self.lengths, self.prompt_lengths
+        (ids, lps, top1, vers), prompts = self.arrays, self.prompts
+        self._clear()
+        return P.TokenBatch(
             sampler_id=sampler_id,
-            request_ids=self.request_ids,
-            starts=np.array(self.starts, np.int32),
-            lengths=np.array(self.lengths, np.int32),
+            request_ids=rids,
+            starts=np.array(starts, np.int32),
+            lengths=np.array(lengths, np.int32),
             token_ids=np.concatenate(ids).astype(np.int32, copy=False),
             logprobs=np.concatenate(lps).astype(np.float32, copy=False),
             top1_logprobs=np.concatenate(top1).astype(np.float32, copy=False),
             versions=np.concatenate(vers).astype(np.int32, copy=False),
-            prompt_lengths=np.array(self.prompt_lengths, np.int32),
-            prompt_token_ids=np.concatenate(self.prompts).astype(np.int32, copy=False) if self.prompts
-            else np.zeros(0, np.int32),
+            prompt_lengths=np.array(prompt_lengths, np.int32),
+            prompt_token_ids=np.concatenate(prompts).astype(np.int32, copy=False) if prompts else np.zeros(0, np.int32),
         )
-        self._clear()
-        return batch
 
 
 class Sampler(Actor):
@@ -527,6 +527,10 @@ class Sampler(Actor):
         after all of them, so one engine step leaves as one frame per destination."""
         if not self.streams or req.work.purpose != "train":
             return  # evaluation and shadow rollouts are never judged by the stopper
+        shapes = {a.shape for a in (chunk.token_ids, chunk.logprobs, chunk.top1_logprobs, versions)}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:  # fails this request, not the step's batch
+            raise ValueError(f"engine chunk of {req.work.request_id!r}: token ids, logprobs, top-1 logprobs "
+                             f"and versions must be 1-D of one length, got shapes {shapes}")
         if req.work.request_id in self.stream_buffer:
             self._flush_streams()  # a second chunk in one loop pass (not vLLM's way): its own frame
         self.stream_buffer.add(req.work.request_id, req.n, chunk.token_ids, chunk.logprobs, chunk.top1_logprobs,
@@ -539,14 +543,17 @@ class Sampler(Actor):
         if self.flush_handle is not None:
             self.flush_handle.cancel()  # (a no-op when this is the scheduled call running)
             self.flush_handle = None
-        batch = self.stream_buffer.take(self.name)
-        frames = ([P.encode(batch)] if batch is not None else []) + self.stream_ends
+        frames: list[bytes] = []
+        with self.guard("stream flush"):  # a batch that cannot be built is lost, never the next ones
+            batch = self.stream_buffer.take(self.name)
+            if batch is not None:
+                frames.append(P.encode(batch))
+                self.counters["stream_batches"] += 1
+        frames += self.stream_ends
         self.stream_ends = []
         for frame in frames:
             for sock in self.streams:
                 self.transport.try_send(sock, frame, counter="stream_dropped")
-        if batch is not None:
-            self.counters["stream_batches"] += 1
 
     def _trajectory(self, req: LiveRequest, finish_reason: str) -> P.Trajectory:
         def cat(parts: list[np.ndarray], dtype) -> np.ndarray:

@@ -150,6 +150,11 @@ def test_token_buffer_makes_one_batch_of_its_requests_in_order():
     assert a.logprobs.tolist() == [-1, -2] and a.versions.tolist() == [3, 3]
     assert (b.request_id, b.start, b.token_ids.tolist(), b.prompt_token_ids) == ("b", 5, [9], None)
     assert b.logprobs.tolist() == [-3] and b.versions.tolist() == [4]
+    # Arrays that cannot make a batch: a ValueError, and the buffer is empty for the next step.
+    buf.add("c", 0, np.array([1, 2], i32), np.zeros(1, f32), np.zeros(2, f32), np.zeros(2, i32))
+    with pytest.raises(ValueError, match="equal lengths"):
+        buf.take("sampler-0")
+    assert not buf and "c" not in buf
 
 
 async def test_one_token_batch_per_engine_step_for_many_concurrent_streams(tmp_path, tiny_model_dir, tokenizer):
