@@ -360,10 +360,10 @@ class PPOTrainer:
         operations and workers send nothing. A failure with several ranks breaks the group: it is
         re-raised as a ``DataParallelError`` naming the ranks' state."""
         with self._op_lock:
-            if self.commands is not None and self._op_depth == 0 and collective:
-                self.commands.send(name, payload)
             self._op_depth += 1
             try:
+                if self.commands is not None and self._op_depth == 1 and collective:
+                    self.commands.send(name, payload)
                 yield
             except Exception as exc:
                 if self.commands is not None and self._op_depth == 1:

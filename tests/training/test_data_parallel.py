@@ -97,10 +97,14 @@ def _driver(spec_path: str) -> None:
         tr.export_hf(work / "hf")
         tr.close()
         out["exit_codes"] = tr.commands.close()
-    elif mode in ("kill", "hang"):
+    elif mode in ("kill", "hang", "idle"):
         tr.train_step(b1, step=1, learner_version=0)
         victim = tr.commands.workers[0].proc
         update = tr._update
+        if mode == "idle":  # lost between two steps: rank 0's watch notices, the next step fails
+            victim.kill()
+            victim.wait()
+            time.sleep(1.5)
 
         def update_after_losing_the_worker(*args, **kwargs):  # mid-step: after the gathered no-grad pass
             if mode == "kill":
@@ -110,7 +114,8 @@ def _driver(spec_path: str) -> None:
                 os.kill(victim.pid, signal.SIGSTOP)  # alive, silent: only the timeout can tell
             return update(*args, **kwargs)
 
-        tr._update = update_after_losing_the_worker
+        if mode != "idle":
+            tr._update = update_after_losing_the_worker
         t0 = time.monotonic()
         try:
             tr.train_step(b2, step=2, learner_version=1)
@@ -289,16 +294,17 @@ def test_two_ranks_update_like_one(tmp_path, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["kill", "hang"])
+@pytest.mark.parametrize("mode", ["kill", "idle", "hang"])
 def test_lost_worker_fails_rank0_loudly(tmp_path, mode):
     """A worker SIGKILLed in the middle of a step: rank 0's next collective fails at once (the
-    connection closes) with a DataParallelError naming the rank and its exit; a worker that hangs
-    (SIGSTOP) fails it after deepspeed.timeout_s. Afterwards every operation fails at once."""
+    connection closes) with a DataParallelError naming the rank and its exit; SIGKILLed between
+    steps: the next step fails before it starts; a worker that hangs (SIGSTOP) fails the step
+    after deepspeed.timeout_s. Afterwards every operation fails at once."""
     timeout_s = 8.0
     out = run_driver(tmp_path, mode, timeout_s=timeout_s)
     assert out["error"] is not None, "the step did not fail"
     assert "rank 1" in out["error"] and "train_step" in out["error"], out["error"]
-    if mode == "kill":
+    if mode in ("kill", "idle"):
         assert "SIGKILL" in out["error"], out["error"]
         assert out["error_seconds"] < 10.0, out["error_seconds"]
     else:
