@@ -81,7 +81,9 @@ async def test_tokens_and_logprobs_stream_and_match_the_trajectory(sampler, toke
     w = work(tokenizer, 0, rid="stream#0")
     await h.send_to("work", h.ident, w)
     traj = await h.recv("results", timeout=60)
-    end, chunks = await h.recv_until("stopper_stream", lambda m: isinstance(m, P.StreamEnd), timeout=30)
+    end, frames = await h.recv_until("stopper_stream", lambda m: isinstance(m, P.StreamEnd), timeout=30)
+    assert all(isinstance(m, P.TokenBatch) for m in frames)  # one frame per engine step
+    chunks = [c for m in frames for c in m.chunks()]
     assert all(c.request_id == "stream#0" for c in chunks) and end.request_id == "stream#0"
     streamed = np.concatenate([c.token_ids for c in chunks])
     assert streamed.tolist() == traj.token_ids.tolist() and len(streamed) > 0
@@ -104,9 +106,10 @@ async def test_cancel_aborts_the_engine_request_and_frees_the_slot(sampler, toke
         await h.send_to("work", h.ident, work(tokenizer, 1, max_tokens=400, rid=rid))
         seen = 0
         while seen < 4:
-            chunk = await h.recv("stopper_stream", timeout=60)
-            if isinstance(chunk, P.TokenChunk) and chunk.request_id == rid:
-                seen = chunk.start + len(chunk.token_ids)
+            msg = await h.recv("stopper_stream", timeout=60)
+            for chunk in msg.chunks() if isinstance(msg, P.TokenBatch) else ():
+                if chunk.request_id == rid:
+                    seen = chunk.start + len(chunk.token_ids)
         await h.send_to("stopper_cancel", b"sampler-0", P.Cancel(request_id=rid, sampler_id="sampler-0", stop_index=2))
         traj, _ = await h.recv_until("results", lambda m: isinstance(m, P.Trajectory) and m.request_id == rid, timeout=30)
         (_, done), _ = await h.recv_until("work", lambda m: isinstance(m, P.WorkDone), routed=True, timeout=30)
