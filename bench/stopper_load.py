@@ -128,7 +128,7 @@ class Feeder:
 async def measure(args) -> dict:
     import psutil
 
-    from tests.runtime.harness import ActorHarness
+    from espo_async.runtime.harness import ActorHarness
 
     cfg = C.bench_config(overrides(args))
     run_dir = C.run_dir_for(NAME, args.keep)

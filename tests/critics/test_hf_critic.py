@@ -297,7 +297,7 @@ async def test_critic_process_streams_the_learners_values(model_dir, tmp_path):
     """The real actor: token chunks in, value chunks out; a critic weight announcement switches
     it to the learner's new weights."""
     from espo_async.config import parse_config
-    from tests.runtime.harness import ActorHarness
+    from espo_async.runtime.harness import ActorHarness
 
     cfg = parse_config({
         "actors": {"critic": {"class": "actors.critics.hf:HFCritic", "options": {"max_batch": 4}}},

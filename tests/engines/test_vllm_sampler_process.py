@@ -12,7 +12,7 @@ import protocols as P
 from espo_async.config import parse_config
 from espo_async.engines.weights import save_weights_safetensors
 from espo_async.tasks.registry import make_task
-from tests.runtime.harness import ActorHarness
+from espo_async.runtime.harness import ActorHarness
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 

@@ -25,7 +25,7 @@ from espo_async.config import parse_config
 from espo_async.core import first_stop
 from espo_async.runtime.metrics import read_metrics
 from protocols.messages import Received
-from tests.runtime.harness import ActorHarness
+from espo_async.runtime.harness import ActorHarness
 from tests.runtime.test_sampler_process import BINDS as SAMPLER_BINDS
 from tests.runtime.test_sampler_process import _assets, work_for
 from tests.runtime.test_stopper_process import Peers, chunk

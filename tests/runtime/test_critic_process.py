@@ -8,7 +8,7 @@ import zmq.asyncio
 
 import protocols as P
 from espo_async.config import parse_config
-from tests.runtime.harness import ActorHarness
+from espo_async.runtime.harness import ActorHarness
 
 
 def config():

@@ -8,7 +8,7 @@ import pytest
 import protocols as P
 from espo_async.config import parse_config
 from espo_async.tasks.registry import make_task
-from tests.runtime.harness import ActorHarness
+from espo_async.runtime.harness import ActorHarness
 
 BINDS = ["work", "stopper_stream", "critic_stream", "stopper_cancel", "results", "broadcast"]
 TASK = {"name": "arithmetic", "options": {"n_steps": 3}}

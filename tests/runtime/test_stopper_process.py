@@ -13,7 +13,7 @@ import zmq
 import protocols as P
 from espo_async.config import parse_config
 from espo_async.core import first_stop
-from tests.runtime.harness import ActorHarness
+from espo_async.runtime.harness import ActorHarness
 
 BINDS = ["broadcast"]
 

@@ -1,4 +1,5 @@
-"""Run one real actor process; the test plays every other actor over real ZeroMQ sockets.
+"""Run one real actor process alone; the caller (a test, a benchmark, or you, writing a new
+actor class) plays every other actor over real ZeroMQ sockets.
 
     async with ActorHarness(config, tmp_path, "sampler-0", binds=["work", "results", ...]) as h:
         ident, msg = await h.recv_routed("work", timeout=10)
