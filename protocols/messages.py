@@ -331,6 +331,14 @@ class Trajectory(Message):
     purpose: Purpose = "train"
     offset: int = 0  # T-PPO segment: response tokens before token_ids (the tail of prompt_token_ids)
 
+    @classmethod
+    def answering(cls, work: PromptWork, **fields) -> Trajectory:
+        """A trajectory (or T-PPO segment) of ``work``: its identity, attempt, issue version and
+        purpose copied from the work item; everything else from ``fields``."""
+        return cls(request_id=work.request_id, prompt_id=work.prompt_id, sample_index=work.sample_index,
+                   group_size=work.group_size, attempt=work.attempt, issued_at_version=work.issued_at_version,
+                   purpose=work.purpose, **fields)
+
     def __post_init__(self) -> None:
         if self.offset < 0 or (self.offset > 0 and (self.ending != "incomplete"
                                                     or self.offset >= len(self.prompt_token_ids))):

@@ -572,14 +572,10 @@ class Sampler(Actor):
             self.counters["tokens_after_stop"] += req.n - keep
         else:
             ending = ENDING_OF_FINISH_REASON.get(finish_reason, "truncated")
-        w = req.work
-        return P.Trajectory(
-            request_id=w.request_id,
-            prompt_id=w.prompt_id,
-            sample_index=w.sample_index,
-            group_size=w.group_size,
+        return P.Trajectory.answering(
+            req.work,
             sampler_id=self.name,
-            prompt_token_ids=w.prompt_token_ids,
+            prompt_token_ids=req.work.prompt_token_ids,
             token_ids=ids,
             logprobs=lps,
             top1_logprobs=top1,
@@ -588,12 +584,9 @@ class Sampler(Actor):
             finish_reason=finish_reason,
             stop_index=stop_index,
             tokens_generated=req.n,
-            attempt=w.attempt,
-            issued_at_version=w.issued_at_version,
             started_at=req.started_at,
             ended_at=time.time(),
             text=self.engine.decode(ids),
-            purpose=w.purpose,
         )
 
     async def _finish(self, req: LiveRequest, finish_reason: str) -> None:

@@ -100,11 +100,8 @@ def segment_trajectory(work: P.PromptWork, token_ids: np.ndarray, logprobs: np.n
         raise ValueError(f"segment [{start}, {end}) outside a response of {len(token_ids)} tokens")
     prompt = np.asarray(work.prompt_token_ids, dtype=np.int32)
     prefix = np.concatenate([prompt, np.asarray(token_ids[:start], dtype=np.int32)])
-    return P.Trajectory(
-        request_id=work.request_id,
-        prompt_id=work.prompt_id,
-        sample_index=work.sample_index,
-        group_size=work.group_size,
+    return P.Trajectory.answering(
+        work,
         sampler_id=sampler_id,
         prompt_token_ids=prefix,
         token_ids=np.asarray(token_ids[start:end], dtype=np.int32),
@@ -114,11 +111,8 @@ def segment_trajectory(work: P.PromptWork, token_ids: np.ndarray, logprobs: np.n
         ending="incomplete",
         finish_reason="window",
         tokens_generated=end - start,
-        attempt=work.attempt,
-        issued_at_version=work.issued_at_version,
         started_at=started_at,
         ended_at=ended_at,
-        purpose=work.purpose,
         offset=start,
     )
 
