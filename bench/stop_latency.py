@@ -16,7 +16,10 @@ real rule). Every honoured cancel is one sample from RUN_DIR/logs/<sampler>.canc
 * tokens generated after the cancel reached the sampler = ``tokens_generated - tokens_at_receipt``
   (a lower bound of tokens after the decision);
 * tokens after the stop token = ``tokens_generated - (stop_index + 1)`` (everything generated
-  past the kept prefix: the stopper's lag behind generation plus the above).
+  past the kept prefix: the stopper's lag behind generation plus the above);
+* the sampler's event-loop lag (``loop_lag.*`` heartbeat counters, ``transport.loop_probe_interval_s``):
+  the share of 10 ms probe timers that fired more than 5 / 20 ms late, i.e. how often a cancel
+  arriving at a random moment would wait that long for the loop.
 
 Targets: p99 decision -> abort <= 5 ms on loopback (tcp 127.0.0.1), mean wasted tokens <= 1.
 """
@@ -60,6 +63,16 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+def loop_lag(counters: dict) -> dict:
+    """An actor's event-loop lag histogram (its ``loop_lag.*`` heartbeat counters): the share of
+    probe samples above 5 ms and above 20 ms, and the worst."""
+    n = counters.get("loop_lag.samples", 0.0)
+    over = {b: sum(v for k, v in counters.items() if k.startswith(("loop_lag.le_", "loop_lag.gt_"))
+                   and (k.startswith("loop_lag.gt_") or float(k[12:-2]) > b)) for b in (5, 20)}
+    return {"samples": n, "over_5ms": over[5] / n if n else None, "over_20ms": over[20] / n if n else None,
+            "max_ms": counters.get("loop_lag.max_ms")}
+
+
 async def one_run(args, steps: int, transport: str) -> dict:
     cfg = C.bench_config(overrides(steps, transport, args.policy, args.rate) + args.set)
     run_dir = C.run_dir_for(f"stop-{transport}", args.keep)
@@ -74,6 +87,7 @@ async def one_run(args, steps: int, transport: str) -> dict:
         "cancels_sent": cnt.get("stopper", {}).get("cancels_sent", 0.0),
         "cancel_after_end": sum(c.get("cancel_after_end", 0.0) for n, c in cnt.items() if n.startswith("sampler")),
         **summarize(records),
+        "loop_lag": {n: loop_lag(c) for n, c in cnt.items() if n.startswith(("sampler", "stopper"))},
         "loadavg": C.loadavg(),
         "records": records,
         "run_dir": str(run_dir) if args.keep else None,
@@ -107,12 +121,15 @@ def main(argv=None) -> int:
         rows.append({"transport": r["transport"], "n": r["cancels_honoured"], "p50": d["p50"], "p99": d["p99"],
                      "max": d["max"], "recv_p50": rc["p50"], "recv_p99": rc["p99"], "abort_p50": ab["p50"],
                      "abort_p99": ab["p99"], "after_receipt": r["tokens_after_receipt"]["mean"],
-                     "after_stop": r["tokens_after_stop_token"]["mean"], "load": r["loadavg"]})
+                     "after_stop": r["tokens_after_stop_token"]["mean"],
+                     "lag5": r["loop_lag"].get("sampler-0", {}).get("over_5ms"),
+                     "lag20": r["loop_lag"].get("sampler-0", {}).get("over_20ms"), "load": r["loadavg"]})
     C.print_table(rows, [("transport", "transport", ""), ("n", "cancels", "d"), ("p50", "p50 ms", ".2f"),
                          ("p99", "p99 ms", ".2f"), ("max", "max ms", ".1f"), ("recv_p50", "recv p50", ".2f"),
                          ("recv_p99", "recv p99", ".2f"), ("abort_p50", "abort p50", ".2f"),
                          ("abort_p99", "abort p99", ".2f"), ("after_receipt", "tok after receipt", ".2f"),
-                         ("after_stop", "tok after stop", ".2f"), ("load", "load", "")])
+                         ("after_stop", "tok after stop", ".2f"), ("lag5", "sampler loop >5ms", ".3f"),
+                         ("lag20", "sampler loop >20ms", ".3f"), ("load", "load", "")])
     C.finish(NAME, args, res, meta)
     return 0
 

@@ -355,6 +355,10 @@ class TransportConfig(_Section):
     restart_backoff_s: float = Field(
         1.0, ge=0, description="Delay before a restart; doubles with each restart in the window (at most 60 s)."
     )
+    loop_probe_interval_s: float = Field(
+        0.01, ge=0, description="Every actor measures its event loop's lag (how late a timer of this period fires: "
+        "time its loop spent on other work) and reports loop_lag.* counters in its heartbeats; 0: off."
+    )
     curve: CurveConfig = CurveConfig()
     allow_insecure: bool = Field(
         False, description="Allow a non-loopback tcp host without CURVE (anyone on the network could inject frames)."

@@ -40,6 +40,36 @@ class ActorContext:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+class LoopLagProbe:
+    """How long a process's event loop is busy with other work: a timer of period T fires
+    ``lag`` late when callbacks held the loop, and every message handler (a cancel, a heartbeat)
+    can wait that long. Counts go into ``counters`` (reported with the heartbeats): one per
+    sample in ``loop_lag.le_<ms>ms`` (the first bucket bound >= the lag) or ``loop_lag.gt_<ms>ms``,
+    ``loop_lag.samples`` and ``loop_lag.max_ms`` (docs/performance.md uses them)."""
+
+    BUCKETS_MS: ClassVar[tuple[float, ...]] = (1, 2, 5, 10, 20, 50)
+
+    def __init__(self, period_s: float, counters: Counter) -> None:
+        self.period = period_s
+        self.counters = counters
+        self.sampled = asyncio.Event()  # set after every sample (tests)
+        self._keys = [(b, f"loop_lag.le_{b:g}ms") for b in self.BUCKETS_MS]
+        self._over = f"loop_lag.gt_{self.BUCKETS_MS[-1]:g}ms"
+
+    def record(self, lag_ms: float) -> None:
+        self.counters["loop_lag.samples"] += 1
+        self.counters[next((key for bound, key in self._keys if lag_ms <= bound), self._over)] += 1
+        if lag_ms > self.counters.get("loop_lag.max_ms", 0.0):
+            self.counters["loop_lag.max_ms"] = round(lag_ms, 3)
+        self.sampled.set()
+
+    async def run(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(self.period)  # the probe itself: how late does this timer fire?
+            self.record(max(time.perf_counter() - t0 - self.period, 0.0) * 1e3)
+
+
 class Actor:
     """Base of every actor. Subclasses set ``ROLE`` and override ``setup``/``main``/``teardown``."""
 
@@ -123,6 +153,8 @@ class Actor:
             asyncio.create_task(self._control(control), name="control"),
             asyncio.create_task(self._watch_parent(), name="watch-parent"),
         ]
+        if self.cfg.transport.loop_probe_interval_s > 0:
+            background.append(asyncio.create_task(self._probe_loop_lag(), name="loop-lag"))
         code = 0
         main_task: asyncio.Task | None = None
         try:
@@ -184,6 +216,9 @@ class Actor:
             counters=counters,
         )
         self.transport.try_send(self._heartbeat_sock, hb, counter="heartbeats_dropped")
+
+    async def _probe_loop_lag(self) -> None:
+        await LoopLagProbe(self.cfg.transport.loop_probe_interval_s, self.counters).run()
 
     async def _heartbeats(self) -> None:
         interval = self.cfg.transport.heartbeat_interval_s

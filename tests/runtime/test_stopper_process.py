@@ -105,7 +105,10 @@ async def test_missing_values_mean_no_stop_and_garbage_is_counted(stopper):
     assert hb.counters.get("cancels_sent", 0) == 0
     assert hb.counters["live_streams"] == 1
     await peers.send(P.StreamEnd(request_id="r2", sampler_id="sampler-0", ending="truncated", n_tokens=35))
-    await h.wait_heartbeat(lambda hb: hb.counters["live_streams"] == 0)
+    hb = await h.wait_heartbeat(lambda hb: hb.counters["live_streams"] == 0 and hb.counters.get("loop_lag.samples"))
+    # Every actor reports its event loop's lag: each probe sample in exactly one bucket.
+    buckets = [v for k, v in hb.counters.items() if k.startswith(("loop_lag.le_", "loop_lag.gt_"))]
+    assert sum(buckets) == hb.counters["loop_lag.samples"] > 0
 
 
 async def test_stop_parameters_come_from_the_learners_batch_boundary(stopper):
