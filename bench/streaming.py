@@ -62,6 +62,23 @@ def engine_spec(cfg, run_dir: Path) -> dict:
             "threads": cfg.actors.sampler.threads}
 
 
+BURNER = """
+import os, torch
+torch.set_num_threads(1)
+a = torch.randn(256, 256)
+while True:
+    a = torch.tanh(a @ a)  # compute on the other cores, as the learner and critic do in the pipeline
+"""
+
+
+def start_burners(spec: dict) -> list[subprocess.Popen]:
+    """One busy process per core that is not the sampler's (--busy-neighbours)."""
+    mine = set(spec["cpus"] or [])
+    others = [c for c in sorted(os.sched_getaffinity(0)) if c not in mine]
+    return [subprocess.Popen([sys.executable, "-c", BURNER], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             preexec_fn=(lambda c=c: os.sched_setaffinity(0, [c]))) for c in others]
+
+
 def run_offline(spec: dict, prompts: list[list[int]], params: dict, mode: str) -> dict:
     """Run the offline worker in its own process with the sampler's pinning and environment."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(spec["threads"]),
@@ -216,6 +233,8 @@ async def main_async(args) -> dict:
         if args.staleness_one:
             order.append("pipeline-staleness1")
     order.append("offline")
+    if args.busy_neighbours:
+        order.append("offline-busy")
     for kind in order:
         print(f"[{NAME}] {kind} ... (load {C.loadavg()})", file=sys.stderr, flush=True)
         if kind.startswith("pipeline"):
@@ -227,8 +246,14 @@ async def main_async(args) -> dict:
             res["kind"] = kind
         else:
             mode = "llm" if kind == "llm" else "async"
-            off = await asyncio.to_thread(run_offline, spec, prompts, params, mode)
-            res = {"kind": "offline-llm" if mode == "llm" else "offline", "rollouts": len(prompts),
+            burners = start_burners(spec) if kind == "offline-busy" else []
+            try:
+                off = await asyncio.to_thread(run_offline, spec, prompts, params, mode)
+            finally:
+                for b in burners:
+                    b.kill()
+                    b.wait()
+            res = {"kind": "offline-llm" if mode == "llm" else kind, "rollouts": len(prompts),
                    "tokens": off["tokens"], "window_s": off["t1"] - off["t0"],
                    "tokens_per_s": off["tokens"] / (off["t1"] - off["t0"]), "affinity": off["affinity"],
                    "per_request_tokens": off["per_request_tokens"]}
@@ -269,6 +294,9 @@ def main(argv=None) -> int:
     ap.add_argument("--llm", action="store_true", help="also measure vllm.LLM.generate (offline batch API)")
     ap.add_argument("--staleness-one", action="store_true",
                     help="also a pipeline run with the default staleness 1 (generation gated by the learner)")
+    ap.add_argument("--busy-neighbours", action="store_true",
+                    help="also offline with every other core kept busy (does the sampler's core slow down when "
+                         "the learner and critic compute beside it?)")
     ap.add_argument("--offline-worker", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.offline_worker:
