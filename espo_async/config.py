@@ -160,6 +160,13 @@ class RolloutConfig(_Section):
     staleness: int = Field(
         1, ge=0, description="K: no rollout starts more than K policy versions ahead of the learner (0: on-policy)."
     )
+    prefetch: int = Field(
+        0,
+        ge=0,
+        description="Work items each sampler holds beyond its engine's slots. They wait in the engine's own queue, "
+        "so a slot freed by a finished rollout restarts in the next engine step instead of after a round trip "
+        "through the coordinator (docs/performance.md, streaming). 0: exactly one item per slot.",
+    )
     synchronous: bool = Field(
         False,
         description="Generate-then-train: a batch's rollouts start only after the previous step finished "

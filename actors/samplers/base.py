@@ -215,7 +215,7 @@ class Sampler(Actor):
     async def main(self) -> None:
         await self.started.wait()
         loops = [self._work_loop(), self._cancel_loop(), self._broadcast_loop()]
-        await self._request_work(self.engine.max_concurrency, tag="hello")
+        await self._request_work(self.capacity, tag="hello")
         if self.remote:
             loops.append(self._alive_loop())
         await asyncio.gather(*loops)
@@ -237,6 +237,12 @@ class Sampler(Actor):
         return out
 
     # -- loops -------------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """Work items this sampler holds at most: its engine's slots plus ``rollout.prefetch``
+        (those wait in the engine's queue and start as soon as a slot frees)."""
+        return self.engine.max_concurrency + self.cfg.rollout.prefetch
 
     @property
     def work_id(self) -> str:
@@ -261,7 +267,7 @@ class Sampler(Actor):
         and issued our work again): tell it. Requests still live here finish as usual; each frees
         its slot with the usual request for 1."""
         self.counters["coordinator_resyncs"] += 1
-        free = max(self.engine.max_concurrency - len(self.live), 0)
+        free = max(self.capacity - len(self.live), 0)
         self.log.warning("the coordinator asked for our free slots again (%s): announcing %d", msg.reason[:200], free)
         await self._request_work(free, tag="slots")
 
@@ -345,7 +351,7 @@ class Sampler(Actor):
         if isinstance(msg, ActorUp) and msg.role == "coordinator" and msg.incarnation > self.coordinator_incarnation:
             self.coordinator_incarnation = msg.incarnation
             if self.started.is_set():
-                await self._request_work(max(self.engine.max_concurrency - len(self.live), 0))
+                await self._request_work(max(self.capacity - len(self.live), 0))
 
     async def on_cancel(self, msg: P.Cancel) -> None:
         req = self.live.get(msg.request_id)

@@ -14,13 +14,13 @@ BINDS = ["work", "stopper_stream", "critic_stream", "stopper_cancel", "results",
 TASK = {"name": "arithmetic", "options": {"n_steps": 3}}
 
 
-def config(**sampler_options):
+def config(prefetch: int = 0, **sampler_options):
     opts = {"max_concurrency": 2, "chunk_tokens": 1}
     opts.update(sampler_options)
     return parse_config(
         {
             "task": TASK,
-            "rollout": {"max_tokens": 40, "samples_per_prompt": 2},
+            "rollout": {"max_tokens": 40, "samples_per_prompt": 2, "prefetch": prefetch},
             "actors": {"sampler": {"class": "actors.samplers.fake:FakeSampler", "options": opts}},
             "transport": {"heartbeat_interval_s": 0.1},
         }
@@ -245,3 +245,23 @@ async def test_sigterm_stops_the_process_cleanly(tmp_path, tiny_model_dir):
 
 def _assets(model_dir: str) -> dict:
     return {"policy_dir": model_dir, "critic_dir": model_dir, "critic_from_policy": True}
+
+
+async def test_prefetch_holds_more_work_than_slots_and_runs_it_all(tmp_path, tiny_model_dir, tokenizer):
+    """rollout.prefetch: the sampler asks for slots + prefetch items; the extra ones wait in the
+    engine's queue and run as slots free; every item ends in a trajectory and frees one credit."""
+    cfg = config(prefetch=2, max_concurrency=1, p_bad=0.0)
+    async with ActorHarness(cfg, tmp_path, "sampler-0", binds=BINDS, assets=_assets(tiny_model_dir)) as h:
+        ident = await started(h, slots=3)
+        works = [work_for(tokenizer, problem_index=i)[0] for i in range(3)]
+        for w in works:
+            await h.send_to("work", ident, w)
+        got = [await h.recv("results", timeout=30) for _ in works]
+        assert sorted(t.request_id for t in got) == sorted(w.request_id for w in works)
+        assert all(t.ending == "finished" for t in got)
+        credits = []
+        while len(credits) < len(works):
+            _, msg = await h.recv_routed("work", timeout=30)
+            if isinstance(msg, P.WorkRequest):
+                credits.append(msg.free_slots)
+        assert credits == [1, 1, 1]
