@@ -18,7 +18,8 @@ first pipeline run fixes the prompts every offline run uses):
 * **offline**: the same engine (``VLLMGeneration.start``: same model, engine arguments, KV size,
   max_model_len, seed, thread binding) in a process pinned to the sampler's cores, given the
   pipeline's exact prompts (same count, order) at once, with the same sampling parameters
-  (temperature, top_p, max_tokens, EOS stop, logprobs=1, DELTA streaming), read by a consumer
+  (temperature, top_p, max_tokens, EOS stop, logprobs=1, DELTA streaming, no detokenizing as
+  the sampler), read by a consumer
   that only counts tokens. Throughput = tokens / (first submit .. last finish).
 * ``--llm``: also vLLM's offline ``LLM.generate`` (the synchronous batch API) with the same
   engine arguments and prompts.
@@ -114,7 +115,7 @@ async def _offline_async(spec: dict, prompts, params) -> dict:
         async def one(i: int, ids: list[int]) -> None:
             async for chunk in eng.generate(f"off-{i}", ids, max_tokens=params["max_tokens"],
                                             temperature=params["temperature"], top_p=params["top_p"],
-                                            stop_token_ids=gen.eos or None):
+                                            stop_token_ids=gen.eos or None, detokenize=False):
                 firsts[i] = firsts[i] or time.time()
                 counts[i] += len(chunk)
             ends[i] = time.time()

@@ -125,6 +125,10 @@ class VLLMGeneration:
             seed=seed if self.opts.seeded else None,
             stop_token_ids=None if self.opts.ignore_eos else (self.eos or None),
             ignore_eos=self.opts.ignore_eos,
+            # No text while streaming: the trajectory's text is decoded once at its end, and vLLM's
+            # per-token detokenizing (incl. the logprob tokens) was ~20% of this process's CPU
+            # (py-spy, docs/performance.md). Stops are by token id, in the engine core.
+            detokenize=False,
         ):
             n += len(chunk)
             exact = None
