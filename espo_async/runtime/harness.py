@@ -26,6 +26,7 @@ import zmq.asyncio
 import protocols as P
 from espo_async.config import Config
 from espo_async.runtime.transport import cleanup_ipc, resolve_addresses
+from espo_async.runtime.weight_files import remove_transient
 
 SOCKET_KINDS = {
     "work": zmq.ROUTER,
@@ -106,6 +107,7 @@ class ActorHarness:
         self._tasks.clear()
         self.ctx.destroy(linger=0)
         cleanup_ipc(self.addresses)
+        remove_transient(self.cfg, self.run_dir)  # a learner's weight files in /dev/shm (the supervisor's job in a run)
         return self.proc.returncode if self.proc else None
 
     def output(self) -> str:
