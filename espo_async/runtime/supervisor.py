@@ -48,6 +48,7 @@ from espo_async.config import Config
 from espo_async.runtime.entry import actor_instances, validate_actors
 from espo_async.runtime.transport import Transport, cleanup_ipc, is_local_address, resolve_addresses
 from espo_async.runtime.weight_files import remove_transient
+from espo_async.utils import describe_exit, tail
 from protocols.messages import ActorDown, ActorUp
 
 log = logging.getLogger("espo.supervisor")
@@ -95,23 +96,6 @@ class RunResult:
     run_dir: Path
     actors: dict[str, ActorState]
     events: list[Event] = field(default_factory=list)
-
-
-def tail(path: Path, n: int = 15) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(lines[-n:])
-
-
-def describe_exit(rc: int) -> str:
-    if rc < 0:
-        try:
-            return f"was killed by {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"was killed by signal {-rc}"
-    return f"exited with code {rc}"
 
 
 class Supervisor:

@@ -48,6 +48,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -58,6 +59,7 @@ import msgpack
 import numpy as np
 
 from espo_async.training.batch import TrainSample
+from espo_async.utils import describe_exit, tail
 
 __all__ = ["DataParallelError", "make_trainer", "serve", "encode", "decode", "main"]
 
@@ -157,21 +159,8 @@ def _join_group(backend: str, timeout_s: float) -> Channel:
 
 
 # ------------------------------------------------------------------- workers started by rank 0
-def describe_exit(rc: int) -> str:
-    if rc < 0:
-        try:
-            return f"signal {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"signal {-rc}"
-    return f"exit code {rc}"
-
-
 def _tail(path: Path, n: int = 12) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join("    " + line for line in lines[-n:])
+    return textwrap.indent(tail(path, n), "    ")
 
 
 @dataclass
@@ -318,7 +307,7 @@ class Commands:
             if dead and not self.closed.is_set():
                 if self.failure is None:
                     self.failure = "worker " + ", ".join(
-                        f"rank {w.rank} (pid {w.proc.pid}) exited with {describe_exit(w.proc.returncode)}" for w in dead)
+                        f"rank {w.rank} (pid {w.proc.pid}) {describe_exit(w.proc.returncode)}" for w in dead)
                 log.error("data-parallel learner: %s", _describe_workers(dead))
                 return
 

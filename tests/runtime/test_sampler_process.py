@@ -60,6 +60,18 @@ async def started(h: ActorHarness, slots: int = 2) -> bytes:
     return ident
 
 
+async def announce_v1_until_a_result(h: ActorHarness) -> P.Message:
+    """Announce policy version 1 until the sampler hands over a result (PUB/SUB may drop the
+    first announcements; the learner repeats them too); that first result."""
+    weights = P.WeightsAnnounced(model="policy", version=1, uri="file:///dev/null", sha256="", nbytes=0)
+    while True:
+        await h.send("broadcast", weights)
+        try:
+            return await h.recv("results", timeout=0.5)
+        except TimeoutError:
+            pass
+
+
 def token_chunks(frames: list[P.Message]) -> list[P.TokenChunk]:
     """The per-request chunks of the token frames a sampler sent (each one a TokenBatch)."""
     assert all(isinstance(m, P.TokenBatch) for m in frames), [type(m).__name__ for m in frames]
@@ -169,14 +181,7 @@ async def test_one_token_batch_per_engine_step_for_many_concurrent_streams(tmp_p
         for w in works:
             await h.send_to("work", ident, w)
         await h.wait_heartbeat(lambda hb: hb.counters.get("active") == n_streams)  # all waiting for v1
-        weights = P.WeightsAnnounced(model="policy", version=1, uri="file:///dev/null", sha256="", nbytes=0)
-        first = None
-        while first is None:  # PUB/SUB: repeat the announcement until it lands (as the learner does)
-            await h.send("broadcast", weights)
-            try:
-                first = await h.recv("results", timeout=0.5)
-            except TimeoutError:
-                pass
+        first = await announce_v1_until_a_result(h)
         trajs = {t.request_id: t for t in [first] + [await h.recv("results", timeout=30) for _ in range(n_streams - 1)]}
         rids = [w.request_id for w in works]
         assert sorted(trajs) == sorted(rids)
@@ -223,14 +228,7 @@ async def test_request_waits_for_the_version_it_was_issued_at(tmp_path, tiny_mod
         # It accepted the request but generates nothing while its weights are at version 0.
         hb = await h.wait_heartbeat(lambda hb: hb.counters.get("active") == 1)
         assert hb.counters.get("tokens_generated", 0) == 0 and hb.counters["policy_version"] == 0
-        weights = P.WeightsAnnounced(model="policy", version=1, uri="file:///dev/null", sha256="", nbytes=0)
-        traj = None
-        while traj is None:  # PUB/SUB: repeat the announcement until it lands (as the learner does)
-            await h.send("broadcast", weights)
-            try:
-                traj = await h.recv("results", timeout=0.5)
-            except TimeoutError:
-                pass
+        traj = await announce_v1_until_a_result(h)
         assert (traj.versions == 1).all()
         await h.wait_heartbeat(lambda hb: hb.counters.get("policy_version") == 1)
 
