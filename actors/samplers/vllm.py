@@ -47,6 +47,16 @@ class VLLMOptions(BaseModel):
     seeded: bool = False
     stop_on_eos: bool = True
     ignore_eos: bool = False
+    # On a weight reload, drop the KV cache of the requests in flight and recompute it under the
+    # new weights when they resume (exact: every token after the reload is sampled from the new
+    # policy given the whole prefix). False keeps their old-weight KV (the prefix was computed by
+    # the old policy; cheaper, as PipelineRL's in-flight updates): tokens are still tagged with the
+    # version that sampled them and PPO's ratio uses the recorded logprobs either way.
+    recompute_kv: bool = True
+    # Niceness added to vLLM's engine-core and worker processes (every thread) once started, so
+    # that on a shared core the sampler's own process (streaming tokens, acting on cancels) runs
+    # as soon as it has work and the engine takes the rest. 0: as started.
+    engine_nice: int = Field(0, ge=0, le=19)
     engine_args: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -62,6 +72,22 @@ def versions_from_spans(spans: list[tuple[str, int, int]] | None, n: int, defaul
             v = default
         out[max(start, 0) : min(end, n)] = v
     return out
+
+
+def renice(pids: list[int], increment: int) -> None:
+    """Lower the priority of every thread of these processes by ``increment`` (Linux niceness is
+    per thread; threads they start later inherit it)."""
+    import contextlib
+    import os
+
+    for pid in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            tids = [pid]
+        for tid in tids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
 
 
 class VLLMGeneration:
@@ -99,6 +125,8 @@ class VLLMGeneration:
             gpu_memory_utilization=o.gpu_memory_utilization,
             **o.engine_args,
         )
+        if o.engine_nice:
+            renice(self.engine.pids(), o.engine_nice)
         tok = self.engine.tokenizer
         if o.stop_on_eos and tok is not None and tok.eos_token_id is not None:
             self.eos = [int(tok.eos_token_id)]
@@ -146,7 +174,7 @@ class VLLMGeneration:
         await self.engine.abort(request_id)
 
     async def load_weights(self, path: Path, version: int) -> float:
-        return await self.engine.update_weights(path, version)
+        return await self.engine.update_weights(path, version, recompute_kv=self.opts.recompute_kv)
 
     def decode(self, token_ids: np.ndarray) -> str:
         return self.engine.decode(token_ids)

@@ -320,9 +320,11 @@ async def test_update_weights_refuses_partial_state_dict(engine, hf_tiny):
     assert engine.weight_version != "partial"
 
 
-async def test_update_weights_while_generating(engine, tiny_tokenizer, hf_tiny):
-    """A request in flight survives a weight update: no token lost or repeated, and vLLM's
-    weight-version spans say which tokens came from which weights."""
+@pytest.mark.parametrize("recompute_kv", [True, False], ids=["recompute-kv", "keep-kv"])
+async def test_update_weights_while_generating(engine, tiny_tokenizer, hf_tiny, recompute_kv):
+    """A request in flight survives a weight update, with its KV cache recomputed or kept: no
+    token lost or repeated, and vLLM's weight-version spans say which tokens came from which
+    weights."""
     from espo_async.engines.weights import state_dict_to_bytes
 
     prompt = prompt_ids(tiny_tokenizer, "8*8=")
@@ -330,7 +332,7 @@ async def test_update_weights_while_generating(engine, tiny_tokenizer, hf_tiny):
     got: list[TokenChunk] = []
 
     async def consume():
-        async for ch in engine.generate("w-live", prompt, max_tokens=max_tokens,
+        async for ch in engine.generate(f"w-live-{recompute_kv}", prompt, max_tokens=max_tokens,
                                         temperature=1.0, ignore_eos=True, seed=3):
             got.append(ch)
 
@@ -339,13 +341,14 @@ async def test_update_weights_while_generating(engine, tiny_tokenizer, hf_tiny):
     while sum(len(c) for c in got) < 20:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.002)
-    await engine.update_weights(state_dict_to_bytes(hf_tiny), version=3)
+    version = 3 if recompute_kv else 4
+    await engine.update_weights(state_dict_to_bytes(hf_tiny), version=version, recompute_kv=recompute_kv)
     await asyncio.wait_for(task, timeout=60)
     check_stream_shape(got)
     a = cat(got)
     assert len(a["token_ids"]) == max_tokens and got[-1].finish_reason == FINISH_LENGTH
     spans = got[-1].weight_versions
-    assert spans is not None and spans[-1][0] == "3" and spans[-1][2] == max_tokens
+    assert spans is not None and spans[-1][0] == str(version) and spans[-1][2] == max_tokens
     assert len(spans) == 2 and spans[0][1] == 0 and spans[0][2] == spans[1][1] >= 20
     # the weights are the same values, so the log-probs still match transformers
     hf_lp, _ = hf_teacher_forced(hf_tiny, prompt, a["token_ids"].tolist())

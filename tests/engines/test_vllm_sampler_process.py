@@ -3,6 +3,8 @@ coordinator, the stopper and the learner. One sampler process (one engine start)
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -30,7 +32,9 @@ async def sampler(tmp_path_factory, tiny_model_dir):
                 "sampler": {
                     "class": "actors.samplers.vllm:VLLMSampler",
                     # ignore_eos: every rollout runs to max_tokens, so a cancel always lands in flight
-                    "options": {"max_num_seqs": 2, "kv_cache_gib": 1.0, "max_model_len": 512, "ignore_eos": True},
+                    # engine_nice: its engine processes yield the core to the sampler's own
+                    "options": {"max_num_seqs": 2, "kv_cache_gib": 1.0, "max_model_len": 512, "ignore_eos": True,
+                                "engine_nice": 3},
                 }
             },
             "transport": {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 120},
@@ -74,6 +78,17 @@ async def drain_work(h):
     """WorkDone + WorkRequest follow every trajectory; consume them."""
     for _ in range(2):
         await h.recv_routed("work", timeout=30)
+
+
+async def test_engine_processes_run_at_engine_nice_below_the_sampler(sampler):
+    import psutil
+
+    mine = os.getpriority(os.PRIO_PROCESS, sampler.proc.pid)
+    engine = [p for p in psutil.Process(sampler.proc.pid).children(recursive=True) if p.name().startswith("VLLM")]
+    assert {p.name()[:15] for p in engine} >= {"VLLM::EngineCor", "VLLM::Worker"}
+    for p in engine:
+        for t in p.threads():
+            assert os.getpriority(os.PRIO_PROCESS, t.id) == min(19, mine + 3), (p.name(), t.id)
 
 
 async def test_tokens_and_logprobs_stream_and_match_the_trajectory(sampler, tokenizer):
