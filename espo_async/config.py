@@ -251,6 +251,12 @@ class ActorSpec(_Section):
     cpus: list[int] | None = Field(
         None, description="Pin the process(es) to these CPU ids (Linux); null: any CPU. vLLM binds its threads to them."
     )
+    nice: int = Field(
+        0, ge=0, le=19,
+        description="Niceness of the process(es) (Linux; higher runs later). On shared cores, a throughput "
+        "actor (learner) given a higher value leaves the latency-bound ones (stopper, critic) the CPU as soon as "
+        "they have work.",
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="Passed to the actor class (validated there).")
     env: dict[str, str] = Field(
         default_factory=dict,
@@ -282,6 +288,20 @@ class ActorsConfig(_Section):
     critic: ActorSpec | None = ActorSpec(cls="actors.critics.fake:FakeCritic")
     stopper: ActorSpec | None = ActorSpec(cls="actors.stopper:Stopper")
     learner: ActorSpec = ActorSpec(cls="actors.learner:Learner")
+    supervisor_cpus: list[int] | Literal["auto"] | None = Field(
+        "auto",
+        description="CPUs of run.py's supervisor process (heartbeats, progress, restarts). 'auto': the CPUs "
+        "this host's samplers are not pinned to, so it never takes time from an engine (measured: it held "
+        "9% of the sampler's core, bench/streaming.py); any CPU if the samplers are unpinned or use them all. "
+        "null: leave it as started.",
+    )
+
+    @field_validator("supervisor_cpus")
+    @classmethod
+    def _cpu_ids(cls, v: Any) -> Any:
+        if isinstance(v, list) and (not v or any(c < 0 for c in v)):
+            raise ValueError(f"supervisor_cpus: 'auto', null or a non-empty list of CPU ids >= 0, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _single(self) -> ActorsConfig:

@@ -98,6 +98,34 @@ class RunResult:
     events: list[Event] = field(default_factory=list)
 
 
+def supervisor_cpus(cfg: Config, available: set[int]) -> set[int] | None:
+    """Where the supervisor process runs (``actors.supervisor_cpus``); None: where it is.
+
+    'auto' keeps it off the CPUs this host's samplers are pinned to, unless that leaves none."""
+    want = cfg.actors.supervisor_cpus
+    if want is None:
+        return None
+    if want != "auto":
+        if not set(want) & set(available):
+            raise ValueError(f"actors.supervisor_cpus {list(want)}: none of them is one of this process's "
+                             f"CPUs {sorted(available)}")
+        return set(want) & set(available)
+    spec = cfg.actors.sampler
+    if not spec.cpus or not cfg.cluster.runs("sampler"):
+        return None
+    rest = set(available) - set(spec.cpus)
+    return rest or None
+
+
+def pin_process(cpus: set[int]) -> None:
+    """Pin every thread of this process (``sched_setaffinity(0)`` pins the calling thread only:
+    ZeroMQ's I/O threads and executor threads would stay where they were)."""
+    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+    for tid in tids:
+        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
+            os.sched_setaffinity(tid, cpus)
+
+
 class Supervisor:
     def __init__(
         self,
@@ -143,6 +171,7 @@ class Supervisor:
         self.learner_finished = False
         self._learner_last_step = -1
         self._learner_heard = 0.0  # monotonic time of its last broadcast
+        self._cpus_before: set[int] | None = None  # this process's CPUs before run() placed it
 
     # -- public ------------------------------------------------------------------------------
 
@@ -160,6 +189,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self.stop, code, f"received {signal.Signals(sig).name}")
         exit_code, reason = 1, "supervisor failed"
         try:
+            self._place_self()
             self._spawn_all()
             receivers = [
                 asyncio.create_task(self._receive(transport, inbox)),
@@ -177,6 +207,8 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             self._kill_all(signal.SIGKILL)
             transport.close()
+            if self._cpus_before:
+                pin_process(self._cpus_before)
             cleanup_ipc(self.addresses)
             if self.cfg.cluster.runs("learner"):
                 remove_transient(self.cfg, self.run_dir)  # weight files in /dev/shm (weights.dir)
@@ -263,6 +295,15 @@ class Supervisor:
         state.clean_exit_at = None
         state.counters = {}
 
+    def _place_self(self) -> None:
+        """Pin this process to ``actors.supervisor_cpus`` (restored when the run ends)."""
+        if not hasattr(os, "sched_setaffinity"):
+            return
+        self._cpus_before = os.sched_getaffinity(0)
+        mine = supervisor_cpus(self.cfg, self._cpus_before)
+        if mine and mine != self._cpus_before:
+            pin_process(mine)
+
     def _spawn(self, name: str, incarnation: int = 0) -> subprocess.Popen:
         role = self.actors[name].role
         spec = getattr(self.cfg.actors, role)
@@ -280,6 +321,16 @@ class Supervisor:
         cpus = spec.cpus
         if cpus:
             env["ESPO_CPUS"] = ",".join(map(str, cpus))
+        # An unpinned actor gets the CPUs the supervisor started with, not the ones it moved to.
+        affinity = cpus or (sorted(self._cpus_before) if self._cpus_before else None)
+        nice = spec.nice
+
+        def place() -> None:  # in the child, before exec: every thread it starts inherits both
+            if affinity:
+                os.sched_setaffinity(0, affinity)
+            if nice:
+                os.nice(nice)
+
         out = open(self.run_dir / "logs" / f"{name}.out", "ab")  # noqa: SIM115 - owned by the child
         try:
             return subprocess.Popen(
@@ -290,7 +341,7 @@ class Supervisor:
                 env=env,
                 start_new_session=True,
                 cwd=os.getcwd(),
-                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+                preexec_fn=place if (affinity or nice) else None,
             )
         finally:
             out.close()

@@ -26,6 +26,7 @@ CASES = {
         {"transport": {"kind": "tcp", "host": "10.1.2.3"}},
         ["transport", "'10.1.2.3'", "transport.curve.enabled", "transport.allow_insecure"],
     ),
+    "supervisor cpus": ({"actors": {"supervisor_cpus": []}}, ["actors.supervisor_cpus", "non-empty list"]),
 }
 
 
@@ -65,3 +66,29 @@ def test_run_py_refuses_to_start_with_a_wrong_config(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "rollout.max_tokens" in proc.stderr and "transport.curve.enabled" in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()  # nothing started, no run folder
+
+
+FAKE = "actors.samplers.fake:FakeSampler"
+
+
+@pytest.mark.parametrize(
+    "actors, available, expected",
+    [
+        ({"sampler": {"class": FAKE, "cpus": [0]}}, {0, 1, 2}, {1, 2}),  # auto: off the samplers' CPUs
+        ({"sampler": {"class": FAKE, "cpus": [0, 1]}}, {0, 1}, None),  # they use every CPU: stay where it is
+        ({}, {0, 1}, None),  # unpinned samplers
+        ({"sampler": {"class": FAKE, "cpus": [0]}, "supervisor_cpus": None}, {0, 1}, None),
+        ({"supervisor_cpus": [1, 7]}, {0, 1}, {1}),
+    ],
+)
+def test_supervisor_cpus(actors, available, expected):
+    from espo_async.runtime.supervisor import supervisor_cpus
+
+    assert supervisor_cpus(parse_config({"actors": actors}), available) == expected
+
+
+def test_supervisor_cpus_that_do_not_exist_are_an_error():
+    from espo_async.runtime.supervisor import supervisor_cpus
+
+    with pytest.raises(ValueError, match=r"actors.supervisor_cpus \[7\]"):
+        supervisor_cpus(parse_config({"actors": {"supervisor_cpus": [7]}}), {0, 1})

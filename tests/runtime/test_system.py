@@ -137,3 +137,34 @@ def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir):
     assert code == 130, output[-3000:]
     gone, alive = psutil.wait_procs(tree, timeout=10)
     assert not alive, f"orphans: {[p.pid for p in alive]}"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to keep the supervisor off the sampler's")
+async def test_actors_placement_cpus_and_niceness(tmp_path, tiny_model_dir):
+    """The supervisor keeps off the samplers' CPUs, unpinned actors get every CPU, and
+    ``actors.<role>.nice`` lowers that role's priority only."""
+    import asyncio
+
+    from espo_async.assets import prepare_assets
+    from espo_async.runtime.supervisor import Supervisor
+
+    everything = os.sched_getaffinity(0)
+    first = min(everything)
+    cfg = fake_config(run={"total_steps": 1}, actors={"sampler": {"cpus": [first]}, "learner": {"class": "actors.learner:Learner", "nice": 5}})
+    await asyncio.to_thread(prepare_assets, cfg, tmp_path, log=lambda *_: None)
+    sup = Supervisor(cfg, tmp_path, progress=False)
+    task = asyncio.create_task(sup.run())
+    await sup.wait_for(lambda s: all(a.proc is not None for a in s.actors.values()), timeout=120)
+    threads = {int(t) for t in os.listdir("/proc/self/task")}
+    during = {"supervisor": set.union(*(os.sched_getaffinity(t) for t in threads))} | {
+        name: os.sched_getaffinity(a.proc.pid) for name, a in sup.actors.items()}
+    nice = {name: os.getpriority(os.PRIO_PROCESS, a.proc.pid) for name, a in sup.actors.items()}
+    result = await asyncio.wait_for(task, 600)
+    assert result.exit_code == 0, result.reason
+    assert during["supervisor"] == everything - {first}  # every thread, ZeroMQ's I/O threads too
+    assert during["sampler-0"] == during["sampler-1"] == {first}
+    assert during["stopper"] == during["learner"] == everything  # not the supervisor's
+    assert os.sched_getaffinity(0) == everything  # restored when the run ended
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert nice["learner"] == min(19, mine + 5)
+    assert nice["stopper"] == nice["sampler-0"] == mine
