@@ -155,22 +155,6 @@ def test_overlong_shaping_on_last_token():
 
 
 # ------------------------------------------------------------------------ model positions
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: one intra-op thread is faster and more reproducible on a shared 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir():
-    from espo_async.models.tiny import build_tiny_model
-
-    return build_tiny_model(None)
-
-
 def test_value_and_logprob_positions_match_unpadded_prefixes(tiny_dir):
     """V(s_t) from the packed (left-padded) batch equals the value of the prefix prompt +
     response[:t] run alone; the policy's logprob of token t equals log_softmax of the unpadded

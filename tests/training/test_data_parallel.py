@@ -203,14 +203,6 @@ def _assert_close(a: dict, b: dict, *, atol: float, what: str) -> None:
         assert torch.allclose(a[k].float(), b[k].float(), atol=atol, rtol=1e-4), (what, k, worst)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -------------------------------------------------------------------------------------- tests
 def test_codec_round_trips_samples_without_pickle():
     from espo_async.training.data_parallel import decode, encode

@@ -4,7 +4,6 @@ complete responses in its own update."""
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -15,28 +14,6 @@ from espo_async.training.tppo import train_critic_mc
 from espo_async.training.trainer import PPOTrainer, TrainSample
 
 pytest.importorskip("deepspeed")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread_and_own_port():
-    """The trainer's one-process gloo group listens on MASTER_PORT, which it sets in this
-    process's environment: actor processes that later tests start would inherit the port and
-    fail to bind it, so it goes (the rest of the distributed environment stays for later
-    in-process trainers)."""
-    port = os.environ.get("MASTER_PORT")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared 2-core box
-    yield
-    torch.set_num_threads(threads)
-    if port is None:
-        os.environ.pop("MASTER_PORT", None)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir():
-    from espo_async.models.tiny import build_tiny_model
-
-    return build_tiny_model(None)
 
 
 def sample(rng, ending, reward=0.0, prompt_len=6, n=12):

@@ -12,22 +12,6 @@ from espo_async.training.trainer import PPOTrainer, TrainSample
 pytest.importorskip("deepspeed")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir():
-    from espo_async.models.tiny import build_tiny_model
-
-    return build_tiny_model(None)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: one intra-op thread is faster and more reproducible on a shared 2-core box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_cfg(**algo):
     base = {"lr": 1e-3, "critic_lr": 1e-3}
     base.update(algo)
