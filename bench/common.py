@@ -214,13 +214,100 @@ class MemorySampler:
         return out
 
 
+# ------------------------------------------------------------------------------------ cpu
+def _thread_name(pid: int, tid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+class CpuSampler:
+    """Per-thread CPU seconds of a process tree and each core's busy seconds, sampled from a
+    thread (so a busy event loop does not skew it) every ``interval`` s.
+
+    ``roots()`` returns {label: pid}; every descendant of a root is labelled
+    ``label/<process name>`` and each thread ``.../<thread name>``; the first root's tree leaves
+    out the other roots' (the supervisor's tree holds the actors). ``window(t0, t1)`` gives the
+    CPU each process and thread used between the samples enclosing [t0, t1], and each core's
+    busy fraction: which process held the sampler's core while it generated."""
+
+    def __init__(self, roots, interval: float = 0.2):
+        import threading
+
+        self.roots = roots
+        self.interval = interval
+        self.samples: list[tuple[float, dict[str, float], dict[str, float], list[float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="cpu-sampler", daemon=True)
+
+    def _snapshot(self) -> tuple[float, dict[str, float], dict[str, float], list[float]]:
+        import psutil
+
+        t = time.time()
+        threads: dict[str, float] = {}
+        procs_cpu: dict[str, float] = {}
+        seen: set[int] = set()
+        roots = list(self.roots().items())
+        for label, pid in roots[1:] + roots[:1]:  # the first root last: it does not count the others' trees
+            if not pid:
+                continue
+            try:
+                root = psutil.Process(pid)
+                procs = [root] + root.children(recursive=True)
+            except psutil.Error:
+                continue
+            for p in procs:
+                if p.pid in seen:
+                    continue
+                seen.add(p.pid)
+                try:
+                    pname = label if p.pid == pid else f"{label}/{_short_name(p)}"
+                    ct = p.cpu_times()  # includes threads that have ended
+                    procs_cpu[pname] = procs_cpu.get(pname, 0.0) + ct.user + ct.system
+                    for th in p.threads():
+                        key = f"{pname}/{_thread_name(p.pid, th.id)}"
+                        threads[key] = threads.get(key, 0.0) + th.user_time + th.system_time
+                except psutil.Error:
+                    continue
+        cores = [c.user + c.nice + c.system + c.irq + c.softirq + c.steal for c in psutil.cpu_times(percpu=True)]
+        return t, procs_cpu, threads, cores
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self._snapshot())
+            self._stop.wait(self.interval)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def window(self, t0: float, t1: float, min_share: float = 0.01) -> dict[str, Any]:
+        """CPU used in [t0, t1]: per process and per thread (share of one core, those above
+        ``min_share``), and each core's busy fraction."""
+        before = [s for s in self.samples if s[0] <= t0] or self.samples[:1]
+        after = [s for s in self.samples if s[0] >= t1] or self.samples[-1:]
+        (ta, pa, a, ca), (tb, pb, b, cb) = before[-1], after[0]
+        span = max(tb - ta, 1e-9)
+        per_thread = {k: (v - a.get(k, 0.0)) / span for k, v in b.items()}
+        per_proc = {k: (v - pa.get(k, 0.0)) / span for k, v in pb.items()}
+        keep = lambda d: dict(sorted(((k, round(v, 3)) for k, v in d.items() if v >= min_share),  # noqa: E731
+                                     key=lambda kv: -kv[1]))
+        return {"t0": ta, "t1": tb, "span_s": span, "core_busy": [round((y - x) / span, 3) for x, y in zip(ca, cb)],
+                "process_cores": keep(per_proc), "thread_cores": keep(per_thread)}
+
+
 # ------------------------------------------------------------------------------------ runs
 async def run_system(cfg, run_dir: Path, *, timeout: float = 1800.0, memory: MemorySampler | bool = False,
-                     env: dict[str, str] | None = None) -> dict[str, Any]:
+                     env: dict[str, str] | None = None, cpu: bool = False) -> dict[str, Any]:
     """Prepare assets, run the supervisor (real actor processes) to completion.
 
     Returns {"result": RunResult, "wall_s": seconds of the supervisor run (processes started to
-    all stopped), "t_start"/"t_end": unix times, "memory": peaks per actor if sampled}."""
+    all stopped), "t_start"/"t_end": unix times, "memory": peaks per actor if sampled, "cpu": the
+    CpuSampler if ``cpu`` (its ``window(t0, t1)``) or None}."""
     from espo_async.assets import prepare_assets
     from espo_async.runtime.supervisor import Supervisor
 
@@ -232,17 +319,24 @@ async def run_system(cfg, run_dir: Path, *, timeout: float = 1800.0, memory: Mem
             lambda: {"supervisor": os.getpid()}  # in-process: the benchmark's own process (the actors are its
             | {n: (s.proc.pid if s.proc is not None and s.proc.poll() is None else None)  # children: own_only)
                for n, s in sup.actors.items()}, own_only=frozenset({"supervisor"}))
+    cpu_sampler = CpuSampler(lambda: {"supervisor": os.getpid()} | {
+        n: (s.proc.pid if s.proc is not None and s.proc.poll() is None else None) for n, s in sup.actors.items()
+    }) if cpu else None
     t0 = time.time()
     task = asyncio.create_task(sup.run())
     if sampler is not None:
         sampler.start()
+    if cpu_sampler is not None:
+        cpu_sampler.start()
     try:
         result = await asyncio.wait_for(task, timeout)
     finally:
         if sampler is not None:
             await sampler.stop()
+        if cpu_sampler is not None:
+            cpu_sampler.stop()
     t1 = time.time()
-    out = {"result": result, "wall_s": t1 - t0, "t_start": t0, "t_end": t1}
+    out = {"result": result, "wall_s": t1 - t0, "t_start": t0, "t_end": t1, "cpu": cpu_sampler}
     if sampler is not None:
         out["memory"] = sampler.peaks()
     if result.exit_code != 0:
@@ -403,6 +497,20 @@ def add_common_args(ap) -> None:
                     help="extra config override for every run of the benchmark")
     ap.add_argument("--wait-load", type=float, default=0.0,
                     help="before measuring, wait (max 10 min) until the 1-min load average is below this")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+                    help="also measure with these overrides, side by side with the plain run (benchmarks "
+                         "that compare variants: streaming, stop_latency); repeatable")
+
+
+def variants(args) -> list[tuple[str, list[str]]]:
+    """[("default", [])] plus every ``--variant LABEL:KEY=VALUE,...`` (label, overrides)."""
+    out = [("default", [])]
+    for v in args.variant:
+        label, sep, rest = v.partition(":")
+        if not sep or not label or "=" not in rest:
+            raise SystemExit(f"--variant {v!r}: expected LABEL:KEY=VALUE[,KEY=VALUE]")
+        out.append((label, [kv for kv in rest.split(",") if kv]))
+    return out
 
 
 def parser(doc: str):

@@ -2,6 +2,7 @@
 
     python bench/stop_latency.py             # full: 10 steps, ipc and tcp (loopback) transports
     python bench/stop_latency.py --quick     # 2 steps, tcp only
+    python bench/stop_latency.py --transport tcp --variant nice5:actors.sampler.options.engine_nice=5
 
 Runs the real system of configs/default.yaml (vLLM sampler, HF critic, stopper, DeepSpeed
 learner; pinned as there) with a stop policy that fires often, ``stop.policy random`` at
@@ -73,13 +74,15 @@ def loop_lag(counters: dict) -> dict:
             "max_ms": counters.get("loop_lag.max_ms")}
 
 
-async def one_run(args, steps: int, transport: str) -> dict:
-    cfg = C.bench_config(overrides(steps, transport, args.policy, args.rate) + args.set)
+async def one_run(args, steps: int, transport: str, variant: tuple[str, list[str]] = ("default", [])) -> dict:
+    cfg = C.bench_config(overrides(steps, transport, args.policy, args.rate) + args.set + variant[1])
     run_dir = C.run_dir_for(f"stop-{transport}", args.keep)
     run = await C.run_system(cfg, run_dir)
     records = [r for rs in C.sampler_logs(run_dir, "cancels").values() for r in rs]
     cnt = C.counters(run["result"])
     res = {
+        "variant": variant[0],
+        "overrides": variant[1],
         "transport": transport,
         "policy": args.policy,
         "steps": steps,
@@ -100,9 +103,10 @@ async def main_async(args) -> dict:
     steps = args.steps or (2 if args.quick else 10)
     transports = args.transport or (["tcp"] if args.quick else ["ipc", "tcp"])
     runs = []
-    for tr in transports:
-        print(f"[{NAME}] {tr} ... (load {C.loadavg()})", file=sys.stderr, flush=True)
-        runs.append(await one_run(args, steps, tr))
+    for variant in C.variants(args):
+        for tr in transports:
+            print(f"[{NAME}] {variant[0]} {tr} ... (load {C.loadavg()})", file=sys.stderr, flush=True)
+            runs.append(await one_run(args, steps, tr, variant))
     return {"runs": runs, "targets": {"p99_ms": 5.0, "mean_wasted_tokens": 1.0}}
 
 
@@ -118,13 +122,13 @@ def main(argv=None) -> int:
     rows = []
     for r in res["runs"]:
         d, rc, ab = r["decision_to_abort_ms"], r["decision_to_receipt_ms"], r["receipt_to_abort_ms"]
-        rows.append({"transport": r["transport"], "n": r["cancels_honoured"], "p50": d["p50"], "p99": d["p99"],
+        rows.append({"variant": r["variant"], "transport": r["transport"], "n": r["cancels_honoured"], "p50": d["p50"], "p99": d["p99"],
                      "max": d["max"], "recv_p50": rc["p50"], "recv_p99": rc["p99"], "abort_p50": ab["p50"],
                      "abort_p99": ab["p99"], "after_receipt": r["tokens_after_receipt"]["mean"],
                      "after_stop": r["tokens_after_stop_token"]["mean"],
                      "lag5": r["loop_lag"].get("sampler-0", {}).get("over_5ms"),
                      "lag20": r["loop_lag"].get("sampler-0", {}).get("over_20ms"), "load": r["loadavg"]})
-    C.print_table(rows, [("transport", "transport", ""), ("n", "cancels", "d"), ("p50", "p50 ms", ".2f"),
+    C.print_table(rows, [("variant", "variant", ""), ("transport", "transport", ""), ("n", "cancels", "d"), ("p50", "p50 ms", ".2f"),
                          ("p99", "p99 ms", ".2f"), ("max", "max ms", ".1f"), ("recv_p50", "recv p50", ".2f"),
                          ("recv_p99", "recv p99", ".2f"), ("abort_p50", "abort p50", ".2f"),
                          ("abort_p99", "abort p99", ".2f"), ("after_receipt", "tok after receipt", ".2f"),

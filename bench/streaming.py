@@ -2,9 +2,13 @@
 
     python bench/streaming.py            # full: 10 learner steps (640 rollouts) per pipeline run
     python bench/streaming.py --quick    # 2 steps (128 rollouts)
+    python bench/streaming.py --steps 3 --set model.policy=smollm2-135m --set model.critic=policy \
+        --set model.sft_steps=0 --set transport.startup_timeout_s=900     # a real 135M model
+    python bench/streaming.py --variant nice5:actors.sampler.options.engine_nice=5   # A/B
 
 Side by side in one invocation (order: pipeline, offline [, pipeline, offline ...], offline; the
-first pipeline run fixes the prompts every offline run uses):
+first pipeline run fixes the prompts every offline run uses; with ``--variant`` every step of
+that order runs once per variant, interleaved, on the same prompts):
 
 * **pipeline**: the real system of configs/default.yaml (vLLM sampler pinned to core 0; HF
   critic, stopper, coordinator and DeepSpeed learner on core 1) with ``stop.policy none``, no
@@ -24,7 +28,9 @@ first pipeline run fixes the prompts every offline run uses):
 * ``--llm``: also vLLM's offline ``LLM.generate`` (the synchronous batch API) with the same
   engine arguments and prompts.
 
-ratio = pipeline tokens/s / median offline tokens/s (target >= 0.90). Also "after the first wave":
+ratio = pipeline tokens/s / median offline tokens/s (target >= 0.90). Also where the sampler's
+core went in each run's window (``C.CpuSampler``: CPU of vLLM's worker, its engine core, the
+front-end process, per generated token). Also "after the first wave":
 the same ratio leaving out the engine's first batch (``max_num_seqs`` requests per sampler) on
 both sides, because the pipeline's first batch overlaps every actor's start-up.
 """
@@ -168,10 +174,16 @@ def _offline_llm(spec: dict, prompts, params) -> dict:
 
 def offline_worker(path: Path) -> None:
     job = json.loads(Path(path).read_text())
-    if job["mode"] == "llm":
-        res = _offline_llm(job["spec"], job["prompts"], job["params"])
-    else:
-        res = asyncio.run(_offline_async(job["spec"], job["prompts"], job["params"]))
+    cpu = C.CpuSampler(lambda: {"offline": os.getpid()})
+    cpu.start()
+    try:
+        if job["mode"] == "llm":
+            res = _offline_llm(job["spec"], job["prompts"], job["params"])
+        else:
+            res = asyncio.run(_offline_async(job["spec"], job["prompts"], job["params"]))
+    finally:
+        cpu.stop()
+    res["cpu"] = cpu.window(res["t0"], res["t1"])
     res["affinity"] = sorted(os.sched_getaffinity(0))
     Path(str(path) + ".out").write_text(json.dumps(res))
 
@@ -187,10 +199,11 @@ def first_wave(cfg) -> int:
     return int(cfg.actors.sampler.options.get("max_num_seqs", 8)) * cfg.actors.sampler.count
 
 
-async def run_pipeline(args, steps: int, staleness: int | None) -> tuple[dict, list[list[int]], dict, object, Path]:
-    cfg = C.bench_config(pipeline_overrides(steps, staleness) + args.set)
+async def run_pipeline(args, steps: int, staleness: int | None,
+                       extra: list[str] = ()) -> tuple[dict, list[list[int]], dict, object, Path]:
+    cfg = C.bench_config(pipeline_overrides(steps, staleness) + args.set + list(extra))
     run_dir = C.run_dir_for("pipeline", args.keep)
-    run = await C.run_system(cfg, run_dir)
+    run = await C.run_system(cfg, run_dir, cpu=True)
     trajs = sorted(C.trajectories(run_dir), key=lambda t: t.started_at)
     t0 = min(t.started_at for t in trajs)
     t1 = max(t.ended_at for t in trajs)
@@ -213,6 +226,7 @@ async def run_pipeline(args, steps: int, staleness: int | None) -> tuple[dict, l
         "learner_train_s": float(sum(m.get("train_seconds", 0.0) for m in mets)),
         "stream_dropped": {n: c.get("wire.stream_dropped", 0.0) for n, c in cnt.items() if n.startswith("sampler")},
         "counters": cnt,
+        "cpu": run["cpu"].window(t0, t1),
         "per_rollout": [[round(t.started_at - t0, 4), round(t.ended_at - t0, 4), int(t.tokens_generated)]
                         for t in trajs],
     }
@@ -223,11 +237,13 @@ async def run_pipeline(args, steps: int, staleness: int | None) -> tuple[dict, l
     return res, prompts, params, cfg, run_dir
 
 
-async def main_async(args) -> dict:
-    steps = args.steps or (2 if args.quick else 10)
+async def measure(args, steps: int) -> tuple[list[dict], dict[str, dict], dict]:
+    """Every variant's runs, interleaved (pipeline of each variant, then offline of each, ...) so
+    that a drift of the machine's speed hits all variants alike. The first pipeline fixes the
+    prompts every offline run uses; each variant's offline engine has that variant's options."""
     runs: list[dict] = []
-    prompts = params = spec = None
-    # The pipeline goes first once to fix the prompts; every offline run uses exactly those.
+    prompts = params = None
+    specs: dict[str, dict] = {}
     order = []
     for r in range(args.repeats):
         order += ["pipeline"] + (["offline"] if r == 0 else []) + (["llm"] if args.llm and r == 0 else [])
@@ -237,55 +253,87 @@ async def main_async(args) -> dict:
     if args.busy_neighbours:
         order.append("offline-busy")
     for kind in order:
-        print(f"[{NAME}] {kind} ... (load {C.loadavg()})", file=sys.stderr, flush=True)
-        if kind.startswith("pipeline"):
-            res, p, prm, cfg, run_dir = await run_pipeline(args, steps, 1 if kind.endswith("1") else None)
-            if prompts is None:
-                prompts, params = p, prm
-                spec = engine_spec(cfg, run_dir)
-            C.remove_run(run_dir, args.keep)
-            res["kind"] = kind
-        else:
-            mode = "llm" if kind == "llm" else "async"
-            burners = start_burners(spec) if kind == "offline-busy" else []
-            try:
-                off = await asyncio.to_thread(run_offline, spec, prompts, params, mode)
-            finally:
-                for b in burners:
-                    b.kill()
-                    b.wait()
-            res = {"kind": "offline-llm" if mode == "llm" else kind, "rollouts": len(prompts),
-                   "tokens": off["tokens"], "window_s": off["t1"] - off["t0"],
-                   "tokens_per_s": off["tokens"] / (off["t1"] - off["t0"]), "affinity": off["affinity"],
-                   "per_request_tokens": off["per_request_tokens"]}
-            if "per_request_first_s" in off:  # the async engine: when each request got its first tokens
-                res["steady_tokens_per_s"] = steady_rate(off["per_request_first_s"], off["per_request_end_s"],
-                                                         off["per_request_tokens"], spec["options"]["max_num_seqs"])
-        res["loadavg"] = C.loadavg()
-        runs.append(res)
-        print(f"[{NAME}] {kind}: {res['tokens_per_s']:.0f} tokens/s over {res['window_s']:.1f}s", file=sys.stderr)
+        for label, extra in C.variants(args):
+            print(f"[{NAME}] {label} {kind} ... (load {C.loadavg()})", file=sys.stderr, flush=True)
+            if kind.startswith("pipeline"):
+                res, p, prm, cfg, run_dir = await run_pipeline(args, steps, 1 if kind.endswith("1") else None, extra)
+                if prompts is None:
+                    prompts, params = p, prm
+                specs.setdefault(label, engine_spec(cfg, run_dir))
+                C.remove_run(run_dir, args.keep)
+                res["kind"] = kind
+            else:
+                spec = specs[label]
+                mode = "llm" if kind == "llm" else "async"
+                burners = start_burners(spec) if kind == "offline-busy" else []
+                try:
+                    off = await asyncio.to_thread(run_offline, spec, prompts, params, mode)
+                finally:
+                    for b in burners:
+                        b.kill()
+                        b.wait()
+                res = {"kind": "offline-llm" if mode == "llm" else kind, "rollouts": len(prompts),
+                       "tokens": off["tokens"], "window_s": off["t1"] - off["t0"],
+                       "tokens_per_s": off["tokens"] / (off["t1"] - off["t0"]), "affinity": off["affinity"],
+                       "per_request_tokens": off["per_request_tokens"], "cpu": off["cpu"]}
+                if "per_request_first_s" in off:  # the async engine: when each request got its first tokens
+                    res["steady_tokens_per_s"] = steady_rate(off["per_request_first_s"], off["per_request_end_s"],
+                                                             off["per_request_tokens"], spec["options"]["max_num_seqs"])
+            res["loadavg"] = C.loadavg()
+            res["variant"] = label
+            runs.append(res)
+            print(f"[{NAME}] {label} {kind}: {res['tokens_per_s']:.0f} tokens/s over {res['window_s']:.1f}s",
+                  file=sys.stderr)
+    return runs, specs, params
+
+
+def ratios(runs: list[dict]) -> dict:
+    """A variant's ratios: its pipeline runs against the median of its offline runs."""
     import numpy as np
 
     base = float(np.median([r["tokens_per_s"] for r in runs if r["kind"] == "offline"]))
-    for r in runs:
-        r["ratio_vs_offline"] = r["tokens_per_s"] / base
-    pipe = [r for r in runs if r["kind"] == "pipeline"]
     steady_base = float(np.median([r["steady_tokens_per_s"] for r in runs if r["kind"] == "offline"
                                    and r.get("steady_tokens_per_s")] or [np.nan]))
     for r in runs:
+        r["ratio_vs_offline"] = r["tokens_per_s"] / base
         if r.get("steady_tokens_per_s"):
             r["steady_ratio"] = r["steady_tokens_per_s"] / steady_base
-    summary = {
+    pipe = [r for r in runs if r["kind"] == "pipeline"]
+    return {
         "steady_ratio": float(np.median([r.get("steady_ratio", np.nan) for r in pipe])),
         "steady_offline_tokens_per_s_median": steady_base,
         "offline_tokens_per_s_median": base,
         "pipeline_tokens_per_s_median": float(np.median([r["tokens_per_s"] for r in pipe])),
         "ratio": float(np.median([r["ratio_vs_offline"] for r in pipe])),
-        "target": 0.90,
-        "engine_spec": spec,
-        "sampling": params,
     }
+
+
+async def main_async(args) -> dict:
+    steps = args.steps or (2 if args.quick else 10)
+    runs, specs, params = await measure(args, steps)
+    by_variant = {label: {**ratios([r for r in runs if r["variant"] == label]), "overrides": extra,
+                          "engine_spec": specs[label]} for label, extra in C.variants(args)}
+    summary = {**by_variant["default"], "target": 0.90, "sampling": params}
+    if len(by_variant) > 1:
+        summary["variants"] = by_variant
     return {"summary": summary, "runs": runs}
+
+
+def cpu_row(run: dict) -> dict:
+    """Where the sampler's CPU went in a run's window: share of one core held by vLLM's model
+    worker, its engine core (scheduler), the front-end process (the sampler actor or the offline
+    consumer: streaming, our code), everything else; and the engine's CPU per generated token."""
+    cpu = run["cpu"]
+    procs = cpu["process_cores"]
+    root = "offline" if "offline" in run["kind"] or run["kind"] == "llm" else "sampler-0"
+    part = {"worker": procs.get(f"{root}/VLLM::Worker", 0.0), "engine_core": procs.get(f"{root}/VLLM::EngineCore", 0.0),
+            "front_end": procs.get(root, 0.0)}
+    family = sum(part.values())
+    rate = run["tokens_per_s"]
+    return {"variant": run.get("variant", "default"), "kind": run["kind"], "cores_busy": cpu["core_busy"], **part,
+            "others": round(sum(procs.values()) - family, 3),
+            **{f"{k}_us_per_token": v / rate * 1e6 for k, v in part.items()},
+            "sampler_us_per_token": family / rate * 1e6}
 
 
 def main(argv=None) -> int:
@@ -305,13 +353,26 @@ def main(argv=None) -> int:
         return 0
     meta = C.begin(args)
     res = asyncio.run(main_async(args))
-    cols = [("kind", "run", ""), ("rollouts", "rollouts", "d"), ("tokens", "tokens", "d"), ("window_s", "window s", ".2f"),
+    cols = [("variant", "variant", ""), ("kind", "run", ""), ("rollouts", "rollouts", "d"), ("tokens", "tokens", "d"), ("window_s", "window s", ".2f"),
             ("tokens_per_s", "tokens/s", ".0f"), ("ratio_vs_offline", "vs offline", ".3f"),
             ("steady_tokens_per_s", "after 1st wave tokens/s", ".0f"), ("steady_ratio", "vs offline", ".3f"),
             ("weight_loads_in_window", "weight loads", "d"), ("weight_load_s_in_window", "load s", ".2f"),
             ("loadavg", "load", "")]
     C.print_table(res["runs"], cols)
+    rows = [cpu_row(r) for r in res["runs"]]
+    res["summary"]["cpu"] = rows
+    print("\nCPU in each run's window (share of one core; us of CPU per generated token):")
+    C.print_table(rows, [("variant", "variant", ""), ("kind", "run", ""), ("cores_busy", "cores busy", ""), ("worker", "vLLM worker", ".3f"),
+                         ("engine_core", "engine core", ".3f"), ("front_end", "front end", ".3f"),
+                         ("others", "others (any core)", ".3f"), ("worker_us_per_token", "worker us/tok", ".0f"),
+                         ("engine_core_us_per_token", "core us/tok", ".0f"),
+                         ("front_end_us_per_token", "front us/tok", ".0f"),
+                         ("sampler_us_per_token", "sum us/tok", ".0f")])
     s = res["summary"]
+    for label, v in s.get("variants", {}).items():
+        print(f"variant {label} {' '.join(v['overrides'])}: pipeline {v['pipeline_tokens_per_s_median']:.0f} / "
+              f"offline {v['offline_tokens_per_s_median']:.0f} tokens/s = {v['ratio']:.3f}; "
+              f"after the first wave {v['steady_ratio']:.3f}")
     print(f"streaming overhead: pipeline {s['pipeline_tokens_per_s_median']:.0f} tokens/s / offline "
           f"{s['offline_tokens_per_s_median']:.0f} tokens/s = {s['ratio']:.3f} (target >= {s['target']}); "
           f"after the first wave {s['steady_ratio']:.3f}")

@@ -21,6 +21,13 @@ Per version v >= 1 (one per learner step):
   load into vLLM, resume).
 
 Target: <= 1 s.
+
+    python bench/weight_sync.py --profile 20   # where one engine reload's time goes
+
+``--profile N`` runs no system: it starts one vLLM engine as the sampler does (same options and
+core), hot-reloads SmolLM2-135M's own weights from /dev/shm ``--loads`` times and prints the N
+functions of the last reload inside the worker by cumulative time (cProfile in the worker,
+``WeightSyncExtension.espo_load_weights(profile_top=N)``) next to the whole reload's time.
 """
 
 from __future__ import annotations
@@ -98,6 +105,54 @@ async def main_async(args) -> dict:
             "summary": {run["weights_dir"]: run["summary"] for run in runs}}
 
 
+async def profile_reload(args) -> dict:
+    """One engine, SmolLM2-135M, ``args.loads`` reloads from /dev/shm; the last one profiled."""
+    import os
+    import shutil
+
+    from actors.samplers.vllm import VLLMGeneration, VLLMOptions
+    from espo_async.assets import resolve_model
+    from espo_async.runtime.supervisor import pin_process
+
+    cfg = C.bench_config(overrides(1, 1, args.max_tokens) + args.set)
+    model_dir = resolve_model(cfg.model.policy, cfg)
+    if cfg.actors.sampler.cpus:
+        pin_process(set(cfg.actors.sampler.cpus))  # the sampler's core, as in a run
+    src = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(C.run_dir_for("profile", False))
+    path = src / f"espo-profile-{os.getpid()}.safetensors"
+    shutil.copyfile(Path(model_dir) / "model.safetensors", path)
+    gen = VLLMGeneration(str(model_dir), VLLMOptions(**cfg.actors.sampler.options), max_model_len=256,
+                         dtype=cfg.model.dtype, seed=cfg.run.seed)
+    await gen.start()
+    loads = []
+    try:
+        for i in range(args.loads):
+            last = i == args.loads - 1
+            total = await gen.engine.update_weights(path, i + 1, profile_top=args.profile if last else 0)
+            report = gen.engine.last_load_reports[0]
+            loads.append({"load": i + 1, "total_s": total, "worker_read_s": report["read_s"],
+                          "worker_reload_s": report["load_s"]})
+    finally:
+        await gen.shutdown()
+        path.unlink(missing_ok=True)
+    return {"model": str(cfg.model.policy), "bytes": Path(model_dir, "model.safetensors").stat().st_size,
+            "loads": loads, "profile": report["profile"], "note": "the last load ran under cProfile (slower)"}
+
+
+def main_profile(args, meta) -> int:
+    res = asyncio.run(profile_reload(args))
+    C.print_table(res["loads"], [("load", "load", "d"), ("total_s", "update_weights s", ".3f"),
+                                 ("worker_read_s", "worker: open file s", ".3f"),
+                                 ("worker_reload_s", "worker: reload_weights s", ".3f")])
+    whole = res["loads"][-1]["worker_reload_s"]
+    rows = [{**r, "share": r["cumulative_s"] / whole} for r in res["profile"]]
+    print(f"\nthe last reload's reload_weights ({whole:.3f} s under cProfile), by cumulative time:")
+    C.print_table(rows, [("function", "function", "s"), ("calls", "calls", "d"), ("self_s", "self s", ".3f"),
+                         ("cumulative_s", "cumulative s", ".3f"), ("share", "share", ".0%")])
+    C.finish(f"{NAME}-profile", args, res, meta)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = C.parser(__doc__)
     ap.add_argument("--steps", type=int, default=None)
@@ -105,8 +160,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--modes", nargs="+", default=["run", "shm"], choices=["run", "shm"],
                     help="weights.dir values to compare, in this order")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile one engine's reload instead (no system run): print the top N functions")
+    ap.add_argument("--loads", type=int, default=4, help="reloads with --profile (the last is profiled)")
     args = ap.parse_args(argv)
     meta = C.begin(args)
+    if args.profile:
+        return main_profile(args, meta)
     res = asyncio.run(main_async(args))
     C.print_table(res["rows"], [("weights_dir", "weights.dir", "s"), ("version", "version", "d"),
                                 ("sync_s", "step end -> all serving s", ".3f"),

@@ -165,6 +165,7 @@ class VLLMEngine:
         self.start_s = start_s
         self.tokenizer = tokenizer
         self.weight_version: str | None = None
+        self.last_load_reports: list[dict] = []  # what each worker reported for the last weight load
         self._active: dict[str, _ReqState] = {}
         self._update_lock = asyncio.Lock()
         self._closed = False
@@ -486,6 +487,7 @@ class VLLMEngine:
         recompute_kv: bool = True,
         expected_sha256: str | None = None,
         allow_partial: bool = False,
+        profile_top: int = 0,
     ) -> float:
         """Hot-swap the model weights from a safetensors file or in-memory blob.
 
@@ -508,7 +510,8 @@ class VLLMEngine:
         ``ValueError``: vLLM re-processes whole fused layers (qkv_proj, gate_up_proj), and a
         partial one (measured: q_proj alone, up_proj alone) loads garbage that even the next
         full reload did not always repair. ``allow_partial=True`` skips the check (whole
-        modules, e.g. ``lm_head.weight`` alone, do work). Returns the seconds taken.
+        modules, e.g. ``lm_head.weight`` alone, do work). ``profile_top`` > 0 profiles the
+        load in each worker (their reports: ``last_load_reports``). Returns the seconds taken.
         """
         from espo_async.engines.weights import safetensors_keys
 
@@ -540,8 +543,9 @@ class VLLMEngine:
             await self._llm.pause_generation(mode=mode, clear_cache=clear)
             try:
                 results = await self._llm.collective_rpc(
-                    "espo_load_weights", args=(payload, str(version), expected_sha256)
+                    "espo_load_weights", args=(payload, str(version), expected_sha256, profile_top)
                 )
+                self.last_load_reports = results
                 if self.prefix_caching:
                     ok = await self._llm.reset_prefix_cache(reset_running_requests=False)
                     if not ok:

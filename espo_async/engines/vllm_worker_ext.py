@@ -41,6 +41,17 @@ def _iter_safetensors_file(path: str):
     return gen(), len(keys)
 
 
+def _top_functions(profiler, top: int) -> list[dict[str, Any]]:
+    """The ``top`` functions of a cProfile run by cumulative time (a msgpack-able list)."""
+    import pstats
+
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, ncalls, tottime, cumtime, callers)
+    rows = [{"function": f"{name} ({file.rsplit('/', 1)[-1]}:{line})", "calls": int(nc),
+             "self_s": float(tt), "cumulative_s": float(ct)}
+            for (file, line, name), (_cc, nc, tt, ct, _callers) in stats.items()]
+    return sorted(rows, key=lambda r: -r["cumulative_s"])[:top]
+
+
 class WeightSyncExtension:
     """Methods callable through ``collective_rpc``. Names are prefixed to avoid clashes."""
 
@@ -49,11 +60,14 @@ class WeightSyncExtension:
         source: bytes | str,
         version: str | int | None = None,
         expected_sha256: str | None = None,
+        profile_top: int = 0,
     ) -> dict[str, Any]:
         """Load a safetensors state dict (path or in-memory blob) into the running model.
 
         Parameter names are checkpoint (HF) names; tensors of any float dtype are cast on copy.
-        Returns a small report (number of tensors, seconds, version) for the caller.
+        Returns a small report (number of tensors, seconds, version) for the caller; with
+        ``profile_top`` > 0 the load runs under cProfile and the report's ``profile`` lists that
+        many functions by cumulative time (bench/weight_sync.py --profile).
         """
         t0 = time.perf_counter()
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -72,15 +86,26 @@ class WeightSyncExtension:
                     raise ValueError(f"{source}: sha256 mismatch")
             it, n = _iter_safetensors_file(str(source))
         t1 = time.perf_counter()
+        profiler = None
+        if profile_top > 0:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         self.reload_weights(weights_iterator=it)  # type: ignore[attr-defined]
+        if profiler is not None:
+            profiler.disable()
         t2 = time.perf_counter()
         self._espo_weight_version = version
-        return {
+        report: dict[str, Any] = {
             "num_tensors": n,
             "read_s": t1 - t0,
             "load_s": t2 - t1,
             "version": version,
         }
+        if profiler is not None:
+            report["profile"] = _top_functions(profiler, profile_top)
+        return report
 
     def espo_weight_version(self) -> Any:
         return getattr(self, "_espo_weight_version", None)
