@@ -112,7 +112,7 @@ async def profile_reload(args) -> dict:
 
     from actors.samplers.vllm import VLLMGeneration, VLLMOptions
     from espo_async.assets import resolve_model
-    from espo_async.runtime.supervisor import pin_process
+    from espo_async.runtime.placement import pin_process
 
     cfg = C.bench_config(overrides(1, 1, args.max_tokens) + args.set)
     model_dir = resolve_model(cfg.model.policy, cfg)

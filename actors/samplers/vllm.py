@@ -74,22 +74,6 @@ def versions_from_spans(spans: list[tuple[str, int, int]] | None, n: int, defaul
     return out
 
 
-def renice(pids: list[int], increment: int) -> None:
-    """Lower the priority of every thread of these processes by ``increment`` (Linux niceness is
-    per thread; threads they start later inherit it)."""
-    import contextlib
-    import os
-
-    for pid in pids:
-        try:
-            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-        except OSError:
-            tids = [pid]
-        for tid in tids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
-
-
 class VLLMGeneration:
     """``GenerationEngine`` over VLLMEngine."""
 
@@ -126,6 +110,8 @@ class VLLMGeneration:
             **o.engine_args,
         )
         if o.engine_nice:
+            from espo_async.runtime.placement import renice
+
             renice(self.engine.pids(), o.engine_nice)
         tok = self.engine.tokenizer
         if o.stop_on_eos and tok is not None and tok.eos_token_id is not None:

@@ -46,6 +46,7 @@ import zmq
 import protocols as P
 from espo_async.config import Config
 from espo_async.runtime.entry import actor_instances, validate_actors
+from espo_async.runtime.placement import pin_process
 from espo_async.runtime.transport import Transport, cleanup_ipc, is_local_address, resolve_addresses
 from espo_async.runtime.weight_files import remove_transient
 from espo_async.utils import describe_exit, tail
@@ -115,15 +116,6 @@ def supervisor_cpus(cfg: Config, available: set[int]) -> set[int] | None:
         return None
     rest = set(available) - set(spec.cpus)
     return rest or None
-
-
-def pin_process(cpus: set[int]) -> None:
-    """Pin every thread of this process (``sched_setaffinity(0)`` pins the calling thread only:
-    ZeroMQ's I/O threads and executor threads would stay where they were)."""
-    tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
-    for tid in tids:
-        with contextlib.suppress(ProcessLookupError):  # a thread that has just ended
-            os.sched_setaffinity(tid, cpus)
 
 
 class Supervisor:

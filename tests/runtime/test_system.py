@@ -146,6 +146,7 @@ async def test_actors_placement_cpus_and_niceness(tmp_path, tiny_model_dir):
     import asyncio
 
     from espo_async.assets import prepare_assets
+    from espo_async.runtime.placement import thread_ids
     from espo_async.runtime.supervisor import Supervisor
 
     everything = os.sched_getaffinity(0)
@@ -155,8 +156,7 @@ async def test_actors_placement_cpus_and_niceness(tmp_path, tiny_model_dir):
     sup = Supervisor(cfg, tmp_path, progress=False)
     task = asyncio.create_task(sup.run())
     await sup.wait_for(lambda s: all(a.proc is not None for a in s.actors.values()), timeout=120)
-    threads = {int(t) for t in os.listdir("/proc/self/task")}
-    during = {"supervisor": set.union(*(os.sched_getaffinity(t) for t in threads))} | {
+    during = {"supervisor": set.union(*(os.sched_getaffinity(t) for t in thread_ids()))} | {
         name: os.sched_getaffinity(a.proc.pid) for name, a in sup.actors.items()}
     nice = {name: os.getpriority(os.PRIO_PROCESS, a.proc.pid) for name, a in sup.actors.items()}
     result = await asyncio.wait_for(task, 600)
