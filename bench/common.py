@@ -313,15 +313,18 @@ async def run_system(cfg, run_dir: Path, *, timeout: float = 1800.0, memory: Mem
 
     await asyncio.to_thread(prepare_assets, cfg, run_dir, log=lambda *_: None)
     sup = Supervisor(cfg, run_dir, progress=False, env=env)
+
+    def live_pids() -> dict[str, int | None]:
+        """The supervisor (in-process: the benchmark's own process, the actors are its children)
+        and each actor's process while it runs."""
+        return {"supervisor": os.getpid()} | {
+            n: (s.proc.pid if s.proc is not None and s.proc.poll() is None else None) for n, s in sup.actors.items()}
+
     sampler = None
     if memory:
         sampler = memory if isinstance(memory, MemorySampler) else MemorySampler(
-            lambda: {"supervisor": os.getpid()}  # in-process: the benchmark's own process (the actors are its
-            | {n: (s.proc.pid if s.proc is not None and s.proc.poll() is None else None)  # children: own_only)
-               for n, s in sup.actors.items()}, own_only=frozenset({"supervisor"}))
-    cpu_sampler = CpuSampler(lambda: {"supervisor": os.getpid()} | {
-        n: (s.proc.pid if s.proc is not None and s.proc.poll() is None else None) for n, s in sup.actors.items()
-    }) if cpu else None
+            live_pids, own_only=frozenset({"supervisor"}))
+    cpu_sampler = CpuSampler(live_pids) if cpu else None
     t0 = time.time()
     task = asyncio.create_task(sup.run())
     if sampler is not None:
