@@ -32,6 +32,18 @@ def tiny_model_dir():
     return str(resolve_model("tiny", cfg))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls and forwards are latency-bound: one intra-op thread is faster and more
+    reproducible on a shared 2-core box (two OpenMP threads made the tiny critic ~100x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _restore_master_port():
     """An in-process trainer sets MASTER_PORT for its one-process gloo group; actor processes

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
-@pytest.fixture(autouse=True, scope="package")
-def _one_torch_thread():
-    """Tiny matmuls: one intra-op thread is faster and more reproducible on a shared 2-core box.
-    (MASTER_PORT, which an in-process trainer sets, is restored by tests/conftest.py.)"""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread(one_torch_thread):
+    """Every training test module runs with one torch thread (tests/conftest.py; MASTER_PORT,
+    which an in-process trainer sets, is restored there too)."""
 
 
 @pytest.fixture(scope="package")
