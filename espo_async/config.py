@@ -291,8 +291,8 @@ class ActorsConfig(_Section):
     supervisor_cpus: list[int] | Literal["auto"] | None = Field(
         "auto",
         description="CPUs of run.py's supervisor process (heartbeats, progress, restarts). 'auto': the CPUs "
-        "this host's samplers are not pinned to, so it never takes time from an engine (measured: it held "
-        "9% of the sampler's core, bench/streaming.py); any CPU if the samplers are unpinned or use them all. "
+        "this host's samplers are not pinned to, so it never takes time from an engine (it uses ~10% of a "
+        "core in the default run, bench/streaming.py); any CPU if the samplers are unpinned or use them all. "
         "null: leave it as started.",
     )
 
