@@ -115,6 +115,9 @@ class AlgoConfig(_Section):
     )
     clip_low: float = Field(0.2, gt=0, description="PPO ratio clip below 1.")
     clip_high: float = Field(0.2, gt=0, description="PPO ratio clip above 1 (DAPO clip-higher: 0.28).")
+    clip_ratio_c: float | None = Field(
+        None, gt=1, description="Dual clip (verl: 3): a negative-advantage token's policy loss is at most clip_ratio_c*|A| (None: off)."
+    )
     loss_agg: Literal["token", "seq"] = Field("token", description="Average the policy loss over all tokens (DAPO) or per sequence first.")
     policy_loss: Literal["ppo", "entropy_is"] = Field("ppo", description="Clipped PPO or entropy-grouped importance sampling.")
     entropy_is_top_frac: float = Field(0.2, gt=0, lt=1, description="Entropy-IS: fraction of highest-entropy tokens in the first group.")

@@ -9,6 +9,11 @@ Entropy Importance Sampling PO (group tau = top-entropy tokens / the rest of one
     eps_tau = alpha / log|V| * mean_{t in tau} H_old(t)
     L = mean_tau mean_{t in tau} -min(r_t A_t, clip(r_t, 1 - eps_tau, 1 + eps_tau) A_t)
 
+Numerical guards (as in verl / OpenRLHF): the policy loss clamps the log-ratio to
++-LOG_RATIO_CLAMP before exp (so a token whose old log-prob underflowed cannot give inf * 0 = NaN);
+the k2 / k3 KL estimators are clamped to at most KL_CLAMP; an optional dual clip (clip_ratio_c,
+verl's default 3) caps the loss of a negative-advantage token at clip_ratio_c * |A|.
+
 Aggregation: "token" = mean over all valid tokens of the batch (DAPO token-level);
 "seq" = mean over each sequence's tokens, then over sequences (rows without tokens skipped).
 Every loss returns (scalar loss, dict of float statistics).
@@ -23,6 +28,8 @@ import torch
 from .advantages import masked_mean, masked_sum
 
 __all__ = [
+    "LOG_RATIO_CLAMP",
+    "KL_CLAMP",
     "masked_mean",
     "aggregate",
     "ppo_policy_loss",
@@ -32,6 +39,10 @@ __all__ = [
     "entropy_groups",
     "entropy_is_policy_loss",
 ]
+
+
+LOG_RATIO_CLAMP = 20.0  # |log pi - log pi_old| before exp in the PPO ratio (verl, OpenRLHF: 20)
+KL_CLAMP = 10.0  # upper bound of the k2 / k3 estimators per token (verl low_var_kl, OpenRLHF: 10)
 
 
 def aggregate(loss: torch.Tensor, mask: torch.Tensor, agg: str = "token") -> torch.Tensor:
@@ -57,20 +68,30 @@ def _clean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
-                    agg: str = "token", is_weights: torch.Tensor | None = None):
+                    agg: str = "token", is_weights: torch.Tensor | None = None,
+                    clip_ratio_c: float | None = None):
     """Clipped surrogate; clip_high > clip_low is DAPO's clip-higher. `advantages` is [B, T] or [B].
 
     is_weights (optional, detached) multiply the per-token loss, e.g. a truncated importance
-    correction for sampler/learner mismatch.
+    correction for sampler/learner mismatch. The log-ratio is clamped to +-LOG_RATIO_CLAMP.
+    clip_ratio_c (> 1, optional): dual clip; where A < 0 the per-token loss is at most
+    clip_ratio_c * |A| (its gradient is zero there). None: off.
     """
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1, got {clip_ratio_c}")
     m = mask.bool()
     adv = advantages if advantages.dim() == logp.dim() else advantages.unsqueeze(-1)
     adv = _clean(adv.detach().expand_as(logp), m)
-    log_ratio = _clean(logp, m) - _clean(old_logp.detach(), m)
+    log_ratio = torch.clamp(_clean(logp, m) - _clean(old_logp.detach(), m), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     per_tok = torch.maximum(pg1, pg2)
+    dual = None
+    if clip_ratio_c is not None:
+        pg3 = -adv * clip_ratio_c
+        dual = (adv < 0) & (per_tok > pg3)
+        per_tok = torch.where(adv < 0, torch.minimum(per_tok, pg3), per_tok)
     if is_weights is not None:
         per_tok = per_tok * _clean(is_weights.detach(), m)
     loss = aggregate(per_tok, m, agg)
@@ -81,6 +102,8 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
             "approx_kl": _f(masked_mean(0.5 * log_ratio ** 2, m)),
             "ratio_mean": _f(masked_mean(ratio, m)),
         }
+        if dual is not None:
+            stats["clipfrac_dual"] = _f(masked_mean(dual.to(logp.dtype), m))
     return loss, stats
 
 
@@ -99,7 +122,9 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         v_clip = old_values + torch.clamp(values - old_values, -clip, clip)
         err_clip = (v_clip - returns) ** 2
         per_tok = 0.5 * torch.maximum(err, err_clip)
-        clipped = err_clip > err
+        # Clipped only where the clamp moved V: inside the range old + (V - old) can differ from V
+        # by an ulp, and that rounding must not count.
+        clipped = (err_clip > err) & ((values - old_values).abs() > clip)
     loss = aggregate(per_tok, m, agg)
     with torch.no_grad():
         stats = {
@@ -112,14 +137,20 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimators with x = log pi - log pi_ref (samples from pi):
-    k1 = x;  k2 = x^2 / 2;  k3 = exp(-x) - 1 + x  (unbiased, >= 0)."""
+    k1 = x;  k2 = x^2 / 2;  k3 = exp(-x) - 1 + x  (unbiased, >= 0).
+
+    k2 and k3 are clamped to at most KL_CLAMP (= 10, as verl's low_var_kl and OpenRLHF): one token
+    far off the reference (k3 at x = -5 is 142) cannot dominate the batch; the gradient is zero
+    beyond the bound. Inside it (|x| < 4.47 for k2, x in (-2.61, 11.0) for k3) the value is exact.
+    k1 (signed, linear) is not clamped."""
     x = logp - ref_logp
     if kind == "k1":
         return x
     if kind == "k2":
-        return 0.5 * x * x
+        return torch.clamp(0.5 * x * x, max=KL_CLAMP)
     if kind == "k3":
-        return torch.expm1(-x) + x
+        x = torch.clamp(x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # no inf from exp before the clamp
+        return torch.clamp(torch.expm1(-x) + x, max=KL_CLAMP)
     raise ValueError("kind must be 'k1', 'k2' or 'k3'")
 
 

@@ -626,7 +626,7 @@ class PPOTrainer:
                                                vocab_size=self.vocab_size)
             else:
                 pg, s = ppo_policy_loss(logp, old_lp, a, mask, clip_low=algo.clip_low, clip_high=algo.clip_high,
-                                        agg=algo.loss_agg, is_weights=w)
+                                        agg=algo.loss_agg, is_weights=w, clip_ratio_c=algo.clip_ratio_c)
             frac = loss_units(mask, pg_kind, top_frac=algo.entropy_is_top_frac) / units
             aux_frac = loss_units(mask, aux_agg) / max(aux_units, 1)
             loss = pg * frac

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from espo_async.core.losses import (
+    KL_CLAMP,
+    LOG_RATIO_CLAMP,
     aggregate,
     entropy_from_logits,
     entropy_groups,
@@ -78,6 +80,71 @@ def test_ppo_padding_garbage_and_is_weights():
     assert l2.item() == pytest.approx(0.0)
 
 
+def test_ppo_log_ratio_clamp_keeps_loss_and_gradient_finite_in_float32():
+    # old log-prob -100 (underflowed), logp 0, A = 0: exp(100) is inf in float32 and inf * 0 = NaN
+    logp = torch.zeros(1, 2, requires_grad=True)
+    old = torch.tensor([[-100.0, 0.0]])
+    adv = torch.tensor([[0.0, 1.0]])
+    loss, stats = ppo_policy_loss(logp, old, adv, torch.ones(1, 2))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert loss.item() == pytest.approx(-0.5)
+    assert math.isfinite(stats["ratio_mean"]) and math.isfinite(stats["approx_kl"])
+    assert stats["approx_kl"] == pytest.approx(0.5 * LOG_RATIO_CLAMP ** 2 / 2)
+    # the clamp is symmetric and leaves log-ratios inside +-20 untouched
+    lp = torch.tensor([[-30.0, 19.0]], dtype=D, requires_grad=True)
+    loss2, s2 = ppo_policy_loss(lp, torch.zeros(1, 2, dtype=D), t([[-1.0, 1.0]]), torch.ones(1, 2),
+                                clip_low=0.99999, clip_high=1e9)
+    assert s2["ratio_mean"] == pytest.approx((math.exp(-20.0) + math.exp(19.0)) / 2)
+    loss2.backward()
+    assert lp.grad[0, 0].item() == 0.0  # beyond the clamp: no gradient
+    assert lp.grad[0, 1].item() == pytest.approx(-math.exp(19.0) / 2)
+
+
+def test_ppo_dual_clip_caps_negative_advantage_loss():
+    # ratios 5 and 2 with A = -1: plain PPO loss 5 and 2; dual clip c = 3 caps the first at 3
+    logp = torch.log(t([[5.0, 2.0, 5.0]])).requires_grad_(True)
+    old = torch.zeros(1, 3, dtype=D)
+    adv = t([[-1.0, -1.0, 1.0]])
+    mask = torch.ones(1, 3)
+    plain, s0 = ppo_policy_loss(logp, old, adv, mask)
+    assert "clipfrac_dual" not in s0  # off by default: the loss and stats are as before
+    assert plain.item() == pytest.approx((5.0 + 2.0 - 1.2) / 3)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, clip_ratio_c=3.0)
+    assert loss.item() == pytest.approx((3.0 + 2.0 - 1.2) / 3)
+    assert stats["clipfrac_dual"] == pytest.approx(1 / 3)
+    loss.backward()
+    # capped token: constant loss, zero gradient; the others as plain PPO (r*|A|/3, clipped: 0)
+    assert logp.grad.tolist()[0] == pytest.approx([0.0, 2.0 / 3, 0.0])
+    with pytest.raises(ValueError):
+        ppo_policy_loss(logp, old, adv, mask, clip_ratio_c=1.0)
+
+
+def test_clip_ratio_c_config_option_is_off_by_default():
+    from espo_async.config import AlgoConfig
+
+    assert AlgoConfig().clip_ratio_c is None
+    assert AlgoConfig(clip_ratio_c=3.0).clip_ratio_c == 3.0
+    with pytest.raises(ValueError):
+        AlgoConfig(clip_ratio_c=0.5)
+
+
+def test_value_clipfrac_ignores_float32_rounding_ties():
+    # |V - V_old| = 0.106 < 0.2: nothing is clipped, but in float32 V_old + (V - V_old) is one ulp
+    # away from V, and that ulp made the clipped error the larger one
+    v = torch.tensor([[0.014007841236889362]])
+    old = torch.tensor([[0.1203518658876419]])
+    ret = torch.tensor([[-0.02336009219288826]])
+    v_clip = old + torch.clamp(v - old, -0.2, 0.2)
+    assert v_clip.item() != v.item() and ((v_clip - ret) ** 2 > (v - ret) ** 2).all()  # the tie exists
+    loss, stats = value_loss(v, old, ret, torch.ones(1, 1), clip=0.2)
+    assert stats["vf_clipfrac"] == 0.0
+    assert loss.item() == pytest.approx(0.5 * (v - ret).item() ** 2, rel=1e-5)
+    # a real clip still counts
+    _, s2 = value_loss(torch.tensor([[1.0]]), old, torch.tensor([[2.0]]), torch.ones(1, 1), clip=0.2)
+    assert s2["vf_clipfrac"] == 1.0
+
+
 def test_value_loss_hand_computed():
     v = t([[1.0, 0.5, 0.0]]).requires_grad_(True)
     old = t([[0.5, 0.5, 0.5]])
@@ -110,6 +177,23 @@ def test_kl_estimators():
     exact = (p * (p / q).log()).sum()
     est = (p * kl_penalty(p.log(), q.log(), "k3")).sum()
     assert est.item() == pytest.approx(exact.item())
+
+
+def test_kl_estimators_are_clamped():
+    assert KL_CLAMP == 10.0
+    logp = t([-5.0, 5.0, 1.0, -2.0, 30.0])
+    ref = torch.zeros(5, dtype=D)
+    k3 = kl_penalty(logp, ref, "k3")
+    # k3 at log-ratio -5 is e^5 - 6 = 142 unclamped; the references (verl, OpenRLHF) give 10
+    assert k3.tolist() == pytest.approx([10.0, math.exp(-5) + 4, math.exp(-1), math.exp(2) - 3, 10.0])
+    k2 = kl_penalty(logp, ref, "k2")
+    assert k2.tolist() == pytest.approx([10.0, 10.0, 0.5, 2.0, 10.0])
+    assert torch.isfinite(kl_penalty(t([-1000.0]), t([0.0]), "k3")).all()
+    # the bound stops the gradient; inside it the gradient is the estimator's
+    x = t([-5.0, 1.0]).requires_grad_(True)
+    kl_penalty(x, torch.zeros(2, dtype=D), "k3").sum().backward()
+    assert x.grad.tolist() == pytest.approx([0.0, 1 - math.exp(-1)])
+    assert kl_penalty(logp, ref, "k1").tolist() == logp.tolist()  # k1 is not clamped
 
 
 def test_entropy_from_logits():
