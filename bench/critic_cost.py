@@ -28,10 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from actors.critics.base import ValueRequest  # noqa: E402
-from actors.critics.hf import HFValueModel, HFValueOptions  # noqa: E402
+from actors.critics.base import ValueRequest
+from actors.critics.hf import HFValueModel, HFValueOptions
 
 TINY_ALPHABET = "0123456789+-*=;.AQ"
 

@@ -19,7 +19,6 @@ The state dict has SmolLM2-135M's parameter count in fp32 (30 blocks of 4.5M plu
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C
 
-import common as C  # noqa: E402
-
-from espo_async.engines.weights import atomic_write_bytes, publish_safetensors, sha256_bytes  # noqa: E402
+from espo_async.engines.weights import atomic_write_bytes, publish_safetensors, sha256_bytes
 
 NAME = "weight_publish"
 

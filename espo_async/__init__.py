@@ -11,10 +11,38 @@ The public API is the pure algorithm core (``espo_async.core``), re-exported her
 
 docs/algorithms.md states every formula as implemented. The actor system lives in ``actors/``
 (started by ``run.py``), the message types in ``protocols/``.
+
+The core (and with it torch) is imported on first use of one of its names, not by
+``import espo_async.config`` or any other torch-free submodule (PEP 562).
 """
 
-from espo_async.core import *  # noqa: F403 - the core is the public API
-from espo_async.core import __all__ as _core_all
+from __future__ import annotations
+
+import importlib
+import importlib.util
 
 __version__ = "0.1.0"
-__all__ = [*_core_all, "__version__"]
+
+
+def _core():
+    return importlib.import_module("espo_async.core")
+
+
+def __getattr__(name: str):
+    if name.startswith("__") and name != "__all__":
+        raise AttributeError(name)
+    # `from espo_async import config` asks for the attribute before importing the submodule:
+    # a submodule's name must not import the core
+    if name != "__all__" and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        raise AttributeError(name)
+    core = _core()
+    if name == "__all__":
+        return [*core.__all__, "__version__"]
+    if name in core.__all__:
+        value = globals()[name] = getattr(core, name)  # later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *_core().__all__})

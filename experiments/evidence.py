@@ -33,10 +33,9 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from espo_async.config import merge_config, parse_config  # noqa: E402
-from espo_async.runtime.entry import validate_actors  # noqa: E402
+from espo_async.config import merge_config, parse_config
+from espo_async.runtime.entry import validate_actors
 
 # method -> (label, overrides of the base config). "${espo_stop_rate}" is filled in at run time.
 NO_CRITIC = {"actors": {"critic": None, "stopper": None}}

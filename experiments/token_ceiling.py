@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from actors.reward import TaskReward  # noqa: E402
-from espo_async.config import parse_config  # noqa: E402
-from espo_async.runtime.trajectory_log import replay  # noqa: E402
-from espo_async.tasks.registry import make_task  # noqa: E402
+from actors.reward import TaskReward
+from espo_async.config import parse_config
+from espo_async.runtime.trajectory_log import replay
+from espo_async.tasks.registry import make_task
 
 
 def analyse(run_dir: Path) -> dict:
