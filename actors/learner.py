@@ -32,6 +32,7 @@ from actors.reward import TaskReward
 from actors.stopper import params_from_snapshot
 from actors.tppo import WindowLearning
 from espo_async.assets import load_assets
+from espo_async.core.regret import surrogate_regret
 from espo_async.runtime.actor import Actor
 from espo_async.runtime.metrics import MetricsWriter
 from espo_async.runtime.trajectory_log import TrajectoryLog, replay
@@ -65,9 +66,10 @@ def batch_regrets(trajs: list[P.Trajectory]) -> np.ndarray:
     """g_t = top1 - sampled logprob over every token of the batch (finite values only)."""
     if not trajs:
         return np.zeros(0)
-    g = np.concatenate([np.asarray(t.top1_logprobs, np.float64) - np.asarray(t.logprobs, np.float64) for t in trajs])
-    g = g[np.isfinite(g)]
-    return np.maximum(g, 0.0)
+    lp = np.concatenate([np.asarray(t.logprobs, np.float64) for t in trajs])
+    top1 = np.concatenate([np.asarray(t.top1_logprobs, np.float64) for t in trajs])
+    ok = np.isfinite(lp) & np.isfinite(top1)
+    return surrogate_regret(lp[ok], top1[ok])
 
 
 class Learner(Actor):

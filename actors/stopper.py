@@ -12,6 +12,7 @@ statistics of its own batch and its decision can be replayed exactly.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -22,10 +23,10 @@ import torch
 import zmq
 
 import protocols as P
-from espo_async.core import StopSnapshot, make_stop_policy, surrogate_regret
+from espo_async.constants import VALUE_STOP_KINDS
+from espo_async.core import StopSnapshot, make_stop_policy, stop_threshold, surrogate_regret
 from espo_async.runtime.actor import Actor
 
-NEEDS_VALUES = {"espo", "value_only"}
 #: Streams whose values arrived before their first token, remembered at most (oldest forgotten).
 MAX_EARLY_STREAMS = 10_000
 #: Decided tokens after which a stream's decided regrets and values are dropped (amortised).
@@ -170,7 +171,7 @@ class Stopper(Actor):
                 sampler_id=sampler_id,
                 policy=policy,
                 stream=policy.new_stream(request_id),
-                needs_values=self.snapshot.enabled and self.snapshot.kind in NEEDS_VALUES,
+                needs_values=self.snapshot.enabled and self.snapshot.kind in VALUE_STOP_KINDS,
                 interval=self.interval,
             )
             st.values.update(self.early_values.pop(request_id, {}))
@@ -266,7 +267,8 @@ class Stopper(Actor):
         z = float(getattr(stream, "z", 0.0))
         snap = st.policy.snapshot
         v = st.values.get(t - t % st.interval)
-        threshold = float(snap.beta) * max(v if v is not None else 0.0, float(snap.eps))
+        threshold = stop_threshold(v if v is not None else -math.inf, float(snap.beta), float(snap.eps))
+        threshold = math.nan if threshold is None else threshold  # a NaN value
         cancel = P.Cancel(
             request_id=request_id,
             sampler_id=st.sampler_id,

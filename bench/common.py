@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from espo_async.utils import read_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "bench" / "results"
@@ -363,10 +365,7 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def jsonl(path: Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def sampler_logs(run_dir: Path, kind: str) -> dict[str, list[dict[str, Any]]]:

@@ -1,6 +1,6 @@
 """The run configuration: one YAML file in configs/ describes a whole run.
 
-Every constant from the papers is a named option here, with the paper's value as default and a
+Every constant from the papers is a named option here, with the paper's value (espo_async/constants.py) as default and a
 description (``python run.py --explain-config`` prints them all). Unknown keys, wrong types and
 values out of range fail at start with a message naming the key and what is allowed.
 """
@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from espo_async import constants as K
+from espo_async.constants import STOP_KINDS
 
 
 class ConfigError(ValueError):
@@ -30,52 +33,52 @@ class WarmupConfig(_Section):
     """Stopping stays off until the critic has converged (ESPO.md, step 6)."""
 
     enabled: bool = Field(True, description="False turns stopping on from the first batch (the 'no warm-up' ablation).")
-    loss_threshold: float = Field(0.5, gt=0, description="A learner step qualifies if its critic loss is below this.")
+    loss_threshold: float = Field(K.WARMUP_LOSS_THRESHOLD, gt=0, description="A learner step qualifies if its critic loss is below this.")
     delta_threshold: float = Field(
-        0.1, ge=0, description="...or if its critic loss changed by less than this since the previous step."
+        K.WARMUP_DELTA_THRESHOLD, ge=0, description="...or if its critic loss changed by less than this since the previous step."
     )
-    patience: int = Field(3, ge=1, description="Consecutive qualifying steps needed to turn stopping on.")
+    patience: int = Field(K.WARMUP_PATIENCE, ge=1, description="Consecutive qualifying steps needed to turn stopping on.")
     force_fraction: float = Field(
-        0.1, ge=0, le=1, description="Stopping is forced on at this fraction of total steps."
+        K.WARMUP_FORCE_FRACTION, ge=0, le=1, description="Stopping is forced on at this fraction of total steps."
     )
 
 
 class StopConfig(_Section):
     """ESPO's stop rule and its ablations. Defaults are the paper's reported values."""
 
-    policy: Literal["espo", "none", "random", "value_only", "regret_only"] = Field(
+    policy: Literal[STOP_KINDS] = Field(
         "espo", description="Which stop rule runs: ESPO, no stopping (plain PPO), or an ablation."
     )
-    r_fail: float = Field(-1.0, description="Reward on the stop token of an absorbed trajectory (paper: -1.0).")
+    r_fail: float = Field(K.R_FAIL, description="Reward on the stop token of an absorbed trajectory (paper: -1.0).")
     alpha_ema: float = Field(
-        0.99, ge=0, lt=1, description="EMA factor of the regret normaliser, applied at batch boundaries (paper: 0.99)."
+        K.ALPHA_EMA, ge=0, lt=1, description="EMA factor of the regret normaliser, applied at batch boundaries (paper: 0.99)."
     )
-    alpha_s: float = Field(0.9, ge=0, lt=1, description="Smoothing factor of z_t inside a trajectory (paper: 0.9).")
-    beta0: float = Field(7.0, gt=0, description="Initial value-gate multiplier beta (paper: 7.0).")
-    eta_beta: float = Field(0.1, ge=0, description="Step size of the beta controller (paper: 0.1).")
-    tau: float = Field(0.25, ge=0, le=1, description="Target stop rate of the beta controller (paper: 0.25).")
+    alpha_s: float = Field(K.ALPHA_S, ge=0, lt=1, description="Smoothing factor of z_t inside a trajectory (paper: 0.9).")
+    beta0: float = Field(K.BETA0, gt=0, description="Initial value-gate multiplier beta (paper: 7.0).")
+    eta_beta: float = Field(K.ETA_BETA, ge=0, description="Step size of the beta controller (paper: 0.1).")
+    tau: float = Field(K.TAU, ge=0, le=1, description="Target stop rate of the beta controller (paper: 0.25).")
     beta_min: float = Field(
-        1.0, gt=0, description="Lower bound of beta (not reported; ours: below it beta*eps is inside z's noise)."
+        K.BETA_MIN, gt=0, description="Lower bound of beta (not reported; ours: below it beta*eps is inside z's noise)."
     )
     beta_max: float = Field(
-        25.0, gt=0, description="Upper bound of beta (not reported; ours: c/eps, above which nothing can ever fire)."
+        K.BETA_MAX, gt=0, description="Upper bound of beta (not reported; ours: c/eps, above which nothing can ever fire)."
     )
-    eps: float = Field(0.2, gt=0, description="Floor of the value in the gate: beta*max(V, eps) (paper: 0.2).")
+    eps: float = Field(K.EPS, gt=0, description="Floor of the value in the gate: beta*max(V, eps) (paper: 0.2).")
     c: float = Field(
-        5.0, gt=0, description="Clip of the normalised regret (not reported; must exceed beta0*eps = 1.4 to ever stop)."
+        K.CLIP_C, gt=0, description="Clip of the normalised regret (not reported; must exceed beta0*eps = 1.4 to ever stop)."
     )
-    delta: float = Field(1e-4, gt=0, description="Variance floor in the normaliser: sqrt(var + delta) (not reported).")
+    delta: float = Field(K.VAR_FLOOR_DELTA, gt=0, description="Variance floor in the normaliser: sqrt(var + delta) (not reported).")
     value_interval: int = Field(
         1, ge=1, description="The critic sends V(s_t) every this many tokens; the stopper uses V at t - t mod k."
     )
     random_rate: float = Field(
-        0.25, ge=0, le=1, description="Random-stop ablation: target fraction of trajectories stopped."
+        K.RANDOM_RATE, ge=0, le=1, description="Random-stop ablation: target fraction of trajectories stopped."
     )
     random_eta: float = Field(
-        2.0, ge=0, description="Random-stop ablation: the per-token hazard h <- h*exp(eta*(rate_target - rate)) at boundaries."
+        K.RANDOM_ETA, ge=0, description="Random-stop ablation: the per-token hazard h <- h*exp(eta*(rate_target - rate)) at boundaries."
     )
     value_ref: float = Field(
-        2.0, gt=0, description="Value-only ablation: fire iff beta*max(V, eps) < value_ref (z_t replaced by this constant)."
+        K.VALUE_REF, gt=0, description="Value-only ablation: fire iff beta*max(V, eps) < value_ref (z_t replaced by this constant)."
     )
     shadow_fraction: float = Field(
         0.0,
@@ -92,7 +95,7 @@ class StopConfig(_Section):
             raise ValueError(f"beta_min ({self.beta_min}) must be <= beta_max ({self.beta_max})")
         if not self.beta_min <= self.beta0 <= self.beta_max:
             raise ValueError(f"beta0 ({self.beta0}) must lie in [beta_min, beta_max] = [{self.beta_min}, {self.beta_max}]")
-        if self.policy in ("espo", "regret_only") and self.c <= self.beta_min * self.eps:
+        if self.policy in K.REGRET_STOP_KINDS and self.c <= self.beta_min * self.eps:
             raise ValueError(
                 f"c ({self.c}) must exceed beta_min*eps ({self.beta_min * self.eps}): z_t <= c, so the rule could never fire"
             )
@@ -521,7 +524,7 @@ class Config(_Section):
                 )
         if self.stop.policy != "none" and self.actors.stopper is None:
             raise ValueError(f"stop.policy is '{self.stop.policy}' but actors.stopper is null: set stop.policy: none")
-        if self.stop.policy in ("espo", "value_only") and self.actors.critic is None:
+        if self.stop.policy in K.VALUE_STOP_KINDS and self.actors.critic is None:
             raise ValueError(f"stop.policy '{self.stop.policy}' needs values: actors.critic must be set")
         if self.algo.advantage == "grpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError("algo.advantage 'grpo' needs rollout.samples_per_prompt >= 2")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from espo_async.runtime.metrics import read_metrics
+from espo_async.utils import read_jsonl
 
 PANELS = [
     ("reward", "training reward (outcome, r_fail for stopped)"),
@@ -22,10 +23,7 @@ PANELS = [
 
 
 def read_evals(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "eval.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(run_dir) / "eval.jsonl")
 
 
 def plot_run(run_dir: Path) -> list[Path]:

@@ -33,3 +33,54 @@ def tail(path, n: int = 15) -> str:
     except OSError:
         return ""
     return "\n".join(lines[-n:])
+
+
+def read_jsonl(path, *, missing_ok: bool = True) -> list:
+    """Every JSON value of a JSON-lines file, blank lines skipped. A missing file: [] (or
+    FileNotFoundError with ``missing_ok=False``)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        if missing_ok:
+            return []
+        raise FileNotFoundError(f"file not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def atomic_dir(dest, *, keep=None):
+    """Context manager publishing a directory in one rename: it yields a fresh temporary sibling
+    of ``dest`` to fill; when the block ends without error the temporary folder replaces ``dest``
+    (a previous ``dest`` is moved aside first, then removed). On an error the temporary folder is
+    removed and ``dest`` is untouched. ``keep(dest) -> True`` (checked at the end, when ``dest``
+    exists) means another process already published what was built: the new one is dropped."""
+    import contextlib
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    @contextlib.contextmanager
+    def _publish():
+        target = Path(dest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            yield tmp
+            if keep is not None and target.exists() and keep(target):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            old = None
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / "old"
+                os.replace(target, old)
+            os.replace(tmp, target)
+            if old is not None:
+                shutil.rmtree(old.parent, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    return _publish()

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from espo_async.config import merge_config, parse_config
 from espo_async.runtime.entry import validate_actors
+from espo_async.utils import read_jsonl as _read_jsonl
 
 # method -> (label, overrides of the base config). "${espo_stop_rate}" is filled in at run time.
 NO_CRITIC = {"actors": {"critic": None, "stopper": None}}
@@ -149,7 +150,7 @@ def run_one(cfg: dict, run_dir: Path, log) -> dict:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return _read_jsonl(path)
 
 
 def run_result(run_dir: Path) -> dict:

@@ -55,7 +55,7 @@ from .stop_policies import (
     make_stop_policy,
     stream_uniform,
 )
-from .stop_rule import StopStream, first_stop, replay_stop, smoothed_regret
+from .stop_rule import StopStream, first_stop, replay_stop, smoothed_regret, stop_threshold
 
 __all__ = [
     # regret
@@ -64,7 +64,7 @@ __all__ = [
     "NormalizerState", "RegretNormalizer", "normalize_regret", "DEFAULT_CLIP_C",
     "DEFAULT_VAR_FLOOR_DELTA",
     # stop rule
-    "StopStream", "replay_stop", "first_stop", "smoothed_regret",
+    "StopStream", "stop_threshold", "replay_stop", "first_stop", "smoothed_regret",
     # controllers
     "BetaController", "WarmupGate", "HazardController", "hazard_for_rate", "DEFAULT_BETA_MIN",
     "DEFAULT_BETA_MAX",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from espo_async import constants as K
+
 __all__ = [
     "BetaController",
     "WarmupGate",
@@ -19,10 +21,8 @@ __all__ = [
     "DEFAULT_BETA_MAX",
 ]
 
-#: beta_min: below 1 a low-value trajectory's threshold beta*eps < 0.2 is inside z's normal noise.
-DEFAULT_BETA_MIN = 1.0
-#: beta_max = c / eps (5.0 / 0.2): at this beta nothing can fire (z <= c), so larger is dead range.
-DEFAULT_BETA_MAX = 25.0
+DEFAULT_BETA_MIN = K.BETA_MIN  # beta's bounds (espo_async/constants.py says why these values)
+DEFAULT_BETA_MAX = K.BETA_MAX
 
 
 def _finite(x) -> bool:
@@ -35,7 +35,7 @@ def _finite(x) -> bool:
 class BetaController:
     """beta <- clip(beta + eta * (stop_rate - tau), beta_min, beta_max). Larger beta = fewer stops."""
 
-    def __init__(self, beta0: float = 7.0, eta: float = 0.1, tau: float = 0.25,
+    def __init__(self, beta0: float = K.BETA0, eta: float = K.ETA_BETA, tau: float = K.TAU,
                  beta_min: float = DEFAULT_BETA_MIN, beta_max: float = DEFAULT_BETA_MAX) -> None:
         if not beta_min <= beta_max:
             raise ValueError("beta_min must be <= beta_max")
@@ -69,8 +69,9 @@ class WarmupGate:
     (the "no warm-up" ablation).
     """
 
-    def __init__(self, loss_threshold: float = 0.5, delta_threshold: float = 0.1, patience: int = 3,
-                 force_fraction: float | None = 0.1, total_steps: int | None = None) -> None:
+    def __init__(self, loss_threshold: float = K.WARMUP_LOSS_THRESHOLD,
+                 delta_threshold: float = K.WARMUP_DELTA_THRESHOLD, patience: int = K.WARMUP_PATIENCE,
+                 force_fraction: float | None = K.WARMUP_FORCE_FRACTION, total_steps: int | None = None) -> None:
         if patience < 0:
             raise ValueError("patience must be >= 0")
         self.loss_threshold = float(loss_threshold)
@@ -143,7 +144,7 @@ class HazardController:
     h <- clip(h * exp(eta * (target - stop_rate)), h_min, h_max); eta = 0 keeps h fixed.
     """
 
-    def __init__(self, hazard0: float = 1e-4, eta: float = 2.0, target: float = 0.25,
+    def __init__(self, hazard0: float = 1e-4, eta: float = K.RANDOM_ETA, target: float = K.RANDOM_RATE,
                  h_min: float = 1e-7, h_max: float = 0.1) -> None:
         if not 0.0 <= h_min <= h_max <= 1.0:
             raise ValueError("need 0 <= h_min <= h_max <= 1")

@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from espo_async import constants as K
+from espo_async.constants import CLIP_C as DEFAULT_CLIP_C  # c (espo_async/constants.py)
+from espo_async.constants import VAR_FLOOR_DELTA as DEFAULT_VAR_FLOOR_DELTA  # delta
+
 __all__ = [
     "DEFAULT_CLIP_C",
     "DEFAULT_VAR_FLOOR_DELTA",
@@ -24,11 +28,6 @@ __all__ = [
     "RegretNormalizer",
     "normalize_regret",
 ]
-
-#: c, the clip of the normalised regret. Not reported by the paper; must exceed beta0*eps = 1.4.
-DEFAULT_CLIP_C = 5.0
-#: delta, the variance floor inside sqrt(var + delta): a std floor of 0.01 nat.
-DEFAULT_VAR_FLOOR_DELTA = 1e-4
 
 
 def _inv_std(var: float, delta: float) -> float:
@@ -76,7 +75,7 @@ class RegretNormalizer:
 
     def __init__(
         self,
-        alpha_ema: float = 0.99,
+        alpha_ema: float = K.ALPHA_EMA,
         c: float = DEFAULT_CLIP_C,
         delta: float = DEFAULT_VAR_FLOOR_DELTA,
         mu0: float = 0.0,

@@ -9,16 +9,21 @@ g_t = max_a l_a/T - l_{a_t}/T for temperature T.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["surrogate_regret", "surrogate_regret_from_logits"]
 
 
 def surrogate_regret(sampled_logprob, top1_logprob):
-    """g = max(top1_logprob - sampled_logprob, 0). Floats in -> float out; tensors -> tensor.
+    """g = max(top1_logprob - sampled_logprob, 0). Floats in -> float out; tensors -> tensor;
+    numpy arrays -> float64 array. NaN propagates in every form.
 
     The clamp absorbs rounding when the sampled token is the mode (top1 == sampled up to ulp).
     """
+    if isinstance(sampled_logprob, np.ndarray) or isinstance(top1_logprob, np.ndarray):
+        diff = np.asarray(top1_logprob, np.float64) - np.asarray(sampled_logprob, np.float64)
+        return np.maximum(diff, 0.0)  # np.maximum propagates NaN
     if isinstance(sampled_logprob, torch.Tensor) or isinstance(top1_logprob, torch.Tensor):
         s = torch.as_tensor(sampled_logprob)
         m = torch.as_tensor(top1_logprob)

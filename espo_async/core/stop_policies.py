@@ -21,9 +21,12 @@ from typing import Any, Hashable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from espo_async import constants as K
+from espo_async.constants import STOP_KINDS
+
 from .controllers import BetaController, HazardController, WarmupGate
 from .normalizer import DEFAULT_CLIP_C, DEFAULT_VAR_FLOOR_DELTA, RegretNormalizer
-from .stop_rule import StopStream, _first_true, _threshold, replay_stop
+from .stop_rule import StopStream, _first_true, replay_stop, stop_threshold
 
 __all__ = [
     "STOP_KINDS",
@@ -41,11 +44,7 @@ __all__ = [
     "key_to_u32",
 ]
 
-STOP_KINDS = ("espo", "none", "random", "value_only", "regret_only")
-
-#: value_ref of the value-only ablation: the constant standing in for z_t. Fires iff
-#: max(V, eps) < value_ref / beta, i.e. V < 2/7 at beta0 = 7; beta then adapts to the target rate.
-DEFAULT_VALUE_REF = 2.0
+DEFAULT_VALUE_REF = K.VALUE_REF  # the value-only ablation's stand-in for z_t (espo_async/constants.py)
 
 
 @dataclass(frozen=True)
@@ -58,9 +57,9 @@ class StopSnapshot:
     var: float = 1.0
     c: float = DEFAULT_CLIP_C
     delta: float = DEFAULT_VAR_FLOOR_DELTA
-    alpha_s: float = 0.9
-    beta: float = 7.0
-    eps: float = 0.2
+    alpha_s: float = K.ALPHA_S
+    beta: float = K.BETA0
+    eps: float = K.EPS
     hazard: float = 1e-4
     value_ref: float = DEFAULT_VALUE_REF
     seed: int = 0
@@ -245,7 +244,7 @@ class ValueOnlyStop(_Base):
         t = stream.t
         stream.t += 1
         s = self.snapshot
-        thr = _threshold(v, float(s.beta), float(s.eps))
+        thr = stop_threshold(v, float(s.beta), float(s.eps))
         if thr is not None and float(s.value_ref) > thr:
             return self._fire(stream, t)
         return False
@@ -255,9 +254,7 @@ class ValueOnlyStop(_Base):
             raise ValueError("the value_only policy needs values")
         s = self.snapshot
         v, squeeze = _rows(torch.as_tensor(values).to(torch.float64))
-        eps = float(s.eps)
-        thr = float(s.beta) * torch.where(v > eps, v, torch.where(torch.isnan(v), v, torch.full_like(v, eps)))
-        fire = float(s.value_ref) > thr
+        fire = float(s.value_ref) > stop_threshold(v, float(s.beta), float(s.eps))
         if mask is not None:
             m, _ = _rows(torch.as_tensor(mask, device=v.device).bool())
             fire = fire & m
@@ -321,7 +318,7 @@ class StopController:
 
     def __init__(self, kind: str = "espo", *, normalizer: RegretNormalizer | None = None,
                  beta: BetaController | None = None, gate: WarmupGate | None = None,
-                 hazard: HazardController | None = None, alpha_s: float = 0.9, eps: float = 0.2,
+                 hazard: HazardController | None = None, alpha_s: float = K.ALPHA_S, eps: float = K.EPS,
                  value_ref: float = DEFAULT_VALUE_REF, seed: int = 0) -> None:
         if kind not in STOP_KINDS:
             raise ValueError(f"unknown stop policy kind {kind!r}")
@@ -353,9 +350,9 @@ class StopController:
         was_enabled = self._snapshot.enabled
         self.normalizer.update_at_boundary(batch_regrets if batch_regrets is not None else [])
         if was_enabled and stop_rate is not None:
-            if self.kind in ("espo", "regret_only", "value_only"):
+            if self.kind in K.BETA_STOP_KINDS:
                 self.beta.update(stop_rate)
-            elif self.kind == "random":
+            elif self.kind in K.HAZARD_STOP_KINDS:
                 self.hazard.update(stop_rate)
         self.gate.observe(step, critic_loss)
         self._snapshot = self._build(step)

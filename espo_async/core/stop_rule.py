@@ -22,10 +22,16 @@ import torch
 from .normalizer import normalize_regret
 from .scan import linear_scan
 
-__all__ = ["StopStream", "replay_stop", "first_stop", "smoothed_regret"]
+__all__ = ["StopStream", "replay_stop", "first_stop", "smoothed_regret", "stop_threshold"]
 
 
-def _threshold(v: float | None, beta: float, eps: float) -> float | None:
+def stop_threshold(v, beta: float, eps: float):
+    """The value gate beta * max(V, eps), the one place it is computed.
+
+    A tensor V: elementwise, NaN kept (no value at t: NaN > x is False, so nothing fires).
+    A number V: None or NaN -> None (no decision yet)."""
+    if isinstance(v, torch.Tensor):
+        return beta * torch.where(v > eps, v, torch.where(torch.isnan(v), v, torch.full_like(v, eps)))
     if v is None:
         return None
     v = float(v)
@@ -80,7 +86,7 @@ class StopStream:
             return False
         t = self.t
         z = self.update(g)
-        thr = _threshold(v, float(self.beta), float(self.eps))
+        thr = stop_threshold(v, float(self.beta), float(self.eps))
         if thr is not None and z > thr:
             self.stop_index = t
             return True
@@ -125,9 +131,7 @@ def replay_stop(regret: torch.Tensor, values: torch.Tensor | None, mask: torch.T
         fire = z > beta * eps
     else:
         v = torch.as_tensor(values, device=z.device).to(torch.float64)
-        # beta * max(V, eps), NaN kept (torch.clamp propagates NaN; NaN > x is False)
-        thr = beta * torch.where(v > eps, v, torch.where(torch.isnan(v), v, torch.full_like(v, eps)))
-        fire = z > thr
+        fire = z > stop_threshold(v, beta, eps)
     if mask is not None:
         fire = fire & torch.as_tensor(mask, device=z.device).bool()
     return _first_true(fire)

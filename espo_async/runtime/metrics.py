@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from espo_async.utils import read_jsonl
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -54,6 +56,4 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)

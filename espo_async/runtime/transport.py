@@ -22,7 +22,6 @@ import os
 import socket
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -144,12 +143,6 @@ def cleanup_ipc(addresses: dict[str, str]) -> None:
             folder.rmdir()
         except OSError:
             pass
-
-
-@dataclass
-class SocketOptions:
-    hwm: int = 1000
-    linger_ms: int = 0
 
 
 _MONITOR_EVENTS = (
@@ -372,13 +365,3 @@ def _nonblocking(fut) -> BaseException | None:
     if not fut.done():  # queued by pyzmq; it completes without blocking the caller
         return None
     return fut.exception()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

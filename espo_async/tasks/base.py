@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from espo_async import utils
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -158,8 +160,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """All JSON objects of a jsonl file (blank lines skipped)."""
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return utils.read_jsonl(path, missing_ok=False)
 
 
 def stable_seed(*parts: object) -> int:

@@ -45,11 +45,10 @@ import os
 import random
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +76,7 @@ from espo_async.training.batch import (
     plan_micro_batches,
 )
 from espo_async.training.value_model import VALUE_FORMAT, ValueModel, quiet_loading
+from espo_async.utils import atomic_dir
 
 __all__ = ["PPOTrainer", "TrainSample", "PolicyLogprobs", "ValueModel", "compute_advantages",
            "init_distributed", "DEFAULT_MICRO_BATCH_TOKENS"]
@@ -144,26 +144,6 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
-
-
-@contextlib.contextmanager
-def _atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``dest`` (rename swap)."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        yield tmp
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent)) / "old"
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old.parent, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -747,7 +727,7 @@ class PPOTrainer:
                 self._policy_state_dict()  # ZeRO-3: its part of the gather
                 return
             lm = self.policy.lm
-            with _atomic_dir(Path(dir)) as tmp:
+            with atomic_dir(Path(dir)) as tmp:
                 sd = self._policy_state_dict()
                 lm.save_pretrained(tmp, state_dict=sd)
                 with quiet_loading():
@@ -764,7 +744,7 @@ class PPOTrainer:
         temporary folder (which must be on storage all ranks see: one host, or shared)."""
         if self.rank != 0:
             raise RuntimeError("save_checkpoint is called on rank 0 (the workers run write_checkpoint)")
-        with self._op_lock, _atomic_dir(Path(dir)) as tmp:
+        with self._op_lock, atomic_dir(Path(dir)) as tmp:
             with self._op("write_checkpoint", dir=str(tmp)):
                 self.write_checkpoint(tmp, extra)
 
