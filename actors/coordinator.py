@@ -46,7 +46,7 @@ import numpy as np
 import zmq
 
 import protocols as P
-from actors.ids import eval_prompt_id, prompt_id, request_id
+from espo_async.ids import eval_prompt_id, prompt_id, request_id
 from espo_async.assets import load_assets
 from espo_async.runtime.actor import Actor
 from espo_async.tasks.registry import make_task

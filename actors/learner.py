@@ -28,17 +28,16 @@ import numpy as np
 import zmq
 
 import protocols as P
-from actors.reward import TaskReward
-from actors.stopper import params_from_snapshot
-from actors.tppo import WindowLearning
 from espo_async.assets import load_assets
 from espo_async.core.regret import surrogate_regret
 from espo_async.runtime.actor import Actor
 from espo_async.runtime.metrics import MetricsWriter
 from espo_async.runtime.trajectory_log import TrajectoryLog, replay
 from espo_async.runtime.weight_files import weight_files_dir
+from espo_async.stop_state import make_stop_controller, params_from_snapshot
 from espo_async.tasks.registry import make_task
-from espo_async.training.stop_state import make_stop_controller
+from espo_async.tasks.reward import TaskReward
+from espo_async.training.windows import WindowLearning
 from protocols.messages import Received
 
 
@@ -100,7 +99,7 @@ class Learner(Actor):
         self.weights_dir = weight_files_dir(self.cfg, self.run_dir)  # weights.dir: run folder or /dev/shm
         self.weights_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.run_dir / "checkpoint"
-        # T-PPO windows: rows are segments of rollouts (actors/tppo.py, espo_async/training/tppo.py)
+        # T-PPO windows: rows are segments of rollouts (espo_async/training/windows.py, espo_async/training/tppo.py)
         self.windows = WindowLearning(self) if self.cfg.rollout.window_tokens > 0 else None
         # This process's id on the broadcast: peers see a restart (the version may go back).
         self.epoch = f"{os.getpid():x}-{time.time_ns():x}"

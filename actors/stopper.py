@@ -17,7 +17,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import msgspec
 import numpy as np
 import torch
 import zmq
@@ -26,19 +25,12 @@ import protocols as P
 from espo_async.constants import VALUE_STOP_KINDS
 from espo_async.core import StopSnapshot, make_stop_policy, stop_threshold, surrogate_regret
 from espo_async.runtime.actor import Actor
+from espo_async.stop_state import make_stop_controller, snapshot_from_params
 
 #: Streams whose values arrived before their first token, remembered at most (oldest forgotten).
 MAX_EARLY_STREAMS = 10_000
 #: Decided tokens after which a stream's decided regrets and values are dropped (amortised).
 TRIM_EVERY = 32
-
-
-def snapshot_from_params(params: P.StopParams) -> StopSnapshot:
-    return StopSnapshot.from_dict(msgspec.structs.asdict(params))
-
-
-def params_from_snapshot(snap: StopSnapshot) -> P.StopParams:
-    return P.StopParams(**snap.to_dict())
 
 
 def _finite_params(p: P.StopParams) -> bool:
@@ -47,8 +39,6 @@ def _finite_params(p: P.StopParams) -> bool:
 
 def initial_snapshot(cfg) -> StopSnapshot:
     """The snapshot before the first batch boundary (what the learner starts from)."""
-    from espo_async.training.stop_state import make_stop_controller
-
     return make_stop_controller(cfg).snapshot()
 
 

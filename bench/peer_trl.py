@@ -64,7 +64,7 @@ def trl_worker(spec_path: Path) -> None:
     import trl.experimental.ppo.ppo_trainer as ppo_mod
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from actors.reward import TaskReward
+    from espo_async.tasks.reward import TaskReward
     from espo_async.tasks.registry import make_task
 
     torch.set_num_threads(spec["threads"])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from actors.reward import TaskReward
+from espo_async.tasks.reward import TaskReward
 from espo_async.config import parse_config
 from espo_async.core import smoothed_regret, surrogate_regret
 from espo_async.runtime.trajectory_log import replay

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from actors.reward import TaskReward
+from espo_async.tasks.reward import TaskReward
 from espo_async.config import parse_config
 from espo_async.runtime.trajectory_log import replay
 from espo_async.tasks.registry import make_task

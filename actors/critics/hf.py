@@ -1,6 +1,6 @@
 """The real critic: the learner's value model (HF backbone + linear head) served incrementally.
 
-``HFValueModel`` computes exactly what ``espo_async.training.value_model.ValueModel`` computes for
+``HFValueModel`` computes exactly what ``espo_async.models.value_model.ValueModel`` computes for
 the same prefix and weights: V(s_t) = head(hidden[P + t - 1]) (docs/architecture.md), but with a
 KV cache per live request, so each token goes through the backbone once.
 
@@ -114,11 +114,11 @@ class _Job:
 
 
 class HFValueModel:
-    """The ``ValueModel`` protocol (actors/critics/base.py) on ``training.value_model.ValueModel``."""
+    """The ``ValueModel`` protocol (actors/critics/base.py) on ``espo_async.models.value_model.ValueModel``."""
 
     def __init__(self, model_dir: str | Path, options: HFValueOptions | None = None, *, seed: int = 0,
                  value_interval: int = 1, device: str = "cpu") -> None:
-        from espo_async.training.value_model import ValueModel
+        from espo_async.models.value_model import ValueModel
 
         self.opts = options or HFValueOptions()
         self.device = torch.device(device)
@@ -195,7 +195,7 @@ class HFValueModel:
         self._drop(request_id)
 
     def load_weights(self, path: Path, version: int) -> None:
-        from espo_async.training.value_model import load_value_weights
+        from espo_async.models.value_model import load_value_weights
 
         with torch.no_grad():
             load_value_weights(self.model, path)

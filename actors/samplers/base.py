@@ -42,9 +42,9 @@ import zmq
 import protocols as P
 from espo_async.assets import load_assets
 from espo_async.runtime.actor import Actor
-from espo_async.training.tppo import segment_trajectory
 from espo_async.utils import stable_seed
 from protocols.messages import ActorDown, ActorUp
+from protocols.trajectory import segment_trajectory
 
 
 @dataclass

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.reward import TaskReward
+from espo_async.tasks.reward import TaskReward
 from actors.samplers.base import EngineChunk, Sampler
 from espo_async.tasks.registry import make_task
 

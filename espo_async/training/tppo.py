@@ -10,7 +10,7 @@ The design, end to end
   its first to its last token, exactly as without windows (one engine request, one token stream
   to the stopper and the critic, weights hot-loaded whenever the learner publishes them, the
   policy version of every token recorded). Every time it has produced W more tokens it hands the
-  learner a *segment* (:func:`segment_trajectory`): a ``Trajectory`` with ending ``incomplete``
+  learner a *segment* (``protocols.trajectory.segment_trajectory``): a ``Trajectory`` with ending ``incomplete``
   holding response tokens ``[o, o+W)`` with their log-probs and versions, whose
   ``prompt_token_ids`` are the prompt followed by response tokens ``[0, o)`` (its prefix) and
   whose ``offset`` is ``o``. When the rollout ends it sends its usual final ``Trajectory``
@@ -22,7 +22,7 @@ The design, end to end
   once handed over is committed: if a cancel names a token that already went out in a segment
   (the stopper lagged across a window boundary), the sampler moves the stop to the first token
   not yet handed over (or the last token generated, if there is none).
-* **Learner** (:class:`WindowBook`, glued in ``actors/tppo.py``). Each segment becomes one
+* **Learner** (:class:`WindowBook`, glued in ``espo_async/training/windows.py``). Each segment becomes one
   training row, queued in arrival order. The final trajectory becomes the rollout's last row:
   the response tokens not yet queued (``[q, l)``, prefix = prompt + ``[0, q)``) with the real
   ending, scored on the *whole* response's text. Nothing is trained twice: per (prompt, sample,
@@ -80,7 +80,6 @@ if TYPE_CHECKING:  # pragma: no cover
 Key = tuple[str, int]  # (prompt id, sample index)
 
 __all__ = [
-    "segment_trajectory",
     "Row",
     "row_from",
     "WindowBook",
@@ -88,33 +87,6 @@ __all__ = [
     "monte_carlo_returns",
     "train_critic_mc",
 ]
-
-
-# ------------------------------------------------------------------------------ sampler side
-def segment_trajectory(work: P.PromptWork, token_ids: np.ndarray, logprobs: np.ndarray,
-                       top1_logprobs: np.ndarray, versions: np.ndarray, start: int, end: int, *,
-                       sampler_id: str, started_at: float = 0.0, ended_at: float = 0.0) -> P.Trajectory:
-    """The incomplete segment of response tokens ``[start, end)`` of a rollout of ``work``
-    (the arrays hold its response so far, at least ``end`` tokens)."""
-    if not 0 <= start < end <= len(token_ids):
-        raise ValueError(f"segment [{start}, {end}) outside a response of {len(token_ids)} tokens")
-    prompt = np.asarray(work.prompt_token_ids, dtype=np.int32)
-    prefix = np.concatenate([prompt, np.asarray(token_ids[:start], dtype=np.int32)])
-    return P.Trajectory.answering(
-        work,
-        sampler_id=sampler_id,
-        prompt_token_ids=prefix,
-        token_ids=np.asarray(token_ids[start:end], dtype=np.int32),
-        logprobs=np.asarray(logprobs[start:end], dtype=np.float32),
-        top1_logprobs=np.asarray(top1_logprobs[start:end], dtype=np.float32),
-        versions=np.asarray(versions[start:end], dtype=np.int32),
-        ending="incomplete",
-        finish_reason="window",
-        tokens_generated=end - start,
-        started_at=started_at,
-        ended_at=ended_at,
-        offset=start,
-    )
 
 
 # ------------------------------------------------------------------------------ learner side

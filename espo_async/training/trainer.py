@@ -75,7 +75,7 @@ from espo_async.training.batch import (
     pack_responses,
     plan_micro_batches,
 )
-from espo_async.training.value_model import VALUE_FORMAT, ValueModel, quiet_loading
+from espo_async.models.value_model import VALUE_FORMAT, ValueModel, quiet_loading
 from espo_async.utils import atomic_dir
 
 __all__ = ["PPOTrainer", "TrainSample", "PolicyLogprobs", "ValueModel", "compute_advantages",

@@ -16,7 +16,7 @@ import protocols as P
 from actors.critics.base import ValueModel as ValueModelProtocol
 from actors.critics.base import ValueRequest
 from actors.critics.hf import HFCritic, HFValueModel, HFValueOptions
-from espo_async.training.value_model import ValueModel
+from espo_async.models.value_model import ValueModel
 
 ALPHABET = "0123456789+-*=;.AQ"
 TOL = 1e-4

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from actors.ids import group_of
+from espo_async.ids import group_of
 from espo_async.runtime.metrics import read_metrics
 from espo_async.runtime.weight_files import weight_files_dir
 from tests.runtime.system import fake_config, learner_state, received, run_system
@@ -84,7 +84,7 @@ async def test_espo_run_completes_with_exactly_one_trajectory_per_sample(tmp_pat
     assert 0 < result.actors["learner"].counters["max_buffered_groups"] <= (k + 1) * p
     # The stop rule fired on the rollouts that went wrong, not on good ones.
     from espo_async.tasks.registry import make_task
-    from actors.reward import TaskReward
+    from espo_async.tasks.reward import TaskReward
 
     reward = TaskReward(make_task("arithmetic", n_steps=3))
     gold_prefix_ok = [reward(t.prompt_id, t.text) for t in trajs if t.ending == "finished"]

@@ -162,7 +162,7 @@ def test_value_and_logprob_positions_match_unpadded_prefixes(tiny_dir):
     from transformers import AutoModelForCausalLM
 
     from espo_async.training.trainer import PolicyLogprobs
-    from espo_async.training.value_model import ValueModel
+    from espo_async.models.value_model import ValueModel
 
     torch.manual_seed(0)
     vm = ValueModel.from_pretrained(tiny_dir, seed=1).eval()

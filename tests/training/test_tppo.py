@@ -14,9 +14,9 @@ from espo_async.config import ConfigError, parse_config
 from espo_async.training.tppo import (
     WindowBook,
     monte_carlo_returns,
-    segment_trajectory,
     window_metrics,
 )
+from protocols.trajectory import segment_trajectory
 
 PROMPT = np.array([1, 2, 3], np.int32)
 

@@ -165,7 +165,7 @@ def test_saved_weights_reload_with_identical_outputs(tiny_dir, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from espo_async.training.value_model import ValueModel, load_value_weights
+    from espo_async.models.value_model import ValueModel, load_value_weights
 
     tr = make_trainer(tiny_dir, tmp_path)
     tr.train_step(make_batch(seed=6), step=1, learner_version=0)

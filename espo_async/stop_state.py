@@ -1,16 +1,26 @@
-"""Build the learner-owned stop controller (core objects) from the run's config."""
+"""The stop state between the config, the core and the wire: the learner-owned stop controller
+built from the run's config, and the frozen snapshot (core ``StopSnapshot``) to and from its
+message form (``protocols.StopParams``), as the learner sends it and the stopper reads it."""
 
 from __future__ import annotations
 
-from espo_async.config import Config
+from typing import TYPE_CHECKING
+
+import msgspec
+
+import protocols as P
 from espo_async.core import (
     BetaController,
     HazardController,
     RegretNormalizer,
     StopController,
     WarmupGate,
+    StopSnapshot,
     hazard_for_rate,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from espo_async.config import Config
 
 
 def make_stop_controller(cfg: Config) -> StopController:
@@ -37,3 +47,11 @@ def make_stop_controller(cfg: Config) -> StopController:
         value_ref=s.value_ref,
         seed=cfg.run.seed,
     )
+
+
+def snapshot_from_params(params: P.StopParams) -> StopSnapshot:
+    return StopSnapshot.from_dict(msgspec.structs.asdict(params))
+
+
+def params_from_snapshot(snap: StopSnapshot) -> P.StopParams:
+    return P.StopParams(**snap.to_dict())

@@ -1,12 +1,12 @@
 """The reward for verifiable answers: the task's verifier applied to a trajectory's text.
 
-The problem of a trajectory is found from its prompt id (``actors.ids``) in the task's train
+The problem of a trajectory is found from its prompt id (``espo_async.ids``) in the task's train
 and eval splits. A trajectory whose problem is unknown scores 0 and is counted.
 """
 
 from __future__ import annotations
 
-from actors.ids import problem_id_of
+from espo_async.ids import problem_id_of
 from espo_async.tasks.base import Problem, Task
 
 

@@ -6,22 +6,44 @@ on the rows, then the critic on complete responses), metrics and checkpoints.
 It writes ``learner/window_rows.jsonl``: one line per learner step listing the rows it trained
 (prompt id, sample, attempt, first and end response position, ending, last row or not), which
 is what shows that no token was trained twice.
+
+What it reads and updates of the learner is the ``WindowHost`` protocol below (the ``Learner``
+actor satisfies it), so this module does not import the actor.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import TYPE_CHECKING
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import protocols as P
 from espo_async.training.tppo import Row, WindowBook, train_critic_mc, window_metrics
 
 if TYPE_CHECKING:  # pragma: no cover
-    from actors.learner import Learner
+    from espo_async.config import Config
+    from espo_async.runtime.trajectory_log import TrajectoryLog
+    from espo_async.training.trainer import PPOTrainer
+
+
+class WindowHost(Protocol):
+    """The learner as the window mode sees it."""
+
+    cfg: Config
+    run_dir: Path
+    step: int  # the last finished learner step
+    trainer: PPOTrainer
+    reward: Callable[[str, str], float]  # (prompt id, text) -> task reward
+    consumed_groups: set[str]  # groups trained (read and extended here)
+    counters: Counter  # the learner's heartbeat counters (updated here)
+    ready_event: asyncio.Event  # set when a batch waits
+    wal: TrajectoryLog  # the write-ahead log of received trajectories
 
 
 class WindowLearning:
-    def __init__(self, learner: Learner) -> None:
+    def __init__(self, learner: WindowHost) -> None:
         self.learner = learner
         self.cfg = learner.cfg
         r = self.cfg.rollout
