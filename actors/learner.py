@@ -33,11 +33,11 @@ from espo_async.core.regret import surrogate_regret
 from espo_async.runtime.actor import Actor
 from espo_async.runtime.metrics import MetricsWriter
 from espo_async.runtime.trajectory_log import TrajectoryLog, replay
-from espo_async.runtime.weight_files import weight_files_dir
 from espo_async.stop_state import make_stop_controller, params_from_snapshot
 from espo_async.tasks.registry import make_task
 from espo_async.tasks.reward import TaskReward
 from espo_async.training.windows import WindowLearning
+from espo_async.weights import make_publisher
 from protocols.messages import Received
 
 
@@ -96,8 +96,7 @@ class Learner(Actor):
         self.shadow_scores: list[float] = []  # shadow continuations scored since the last step
         self.last_weights: dict[str, P.WeightsAnnounced] = {}
         self.trainer_lock = threading.Lock()
-        self.weights_dir = weight_files_dir(self.cfg, self.run_dir)  # weights.dir: run folder or /dev/shm
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        self.publisher = make_publisher(self.cfg, self.run_dir)  # the weight transfer (espo_async/weights/)
         self.ckpt_dir = self.run_dir / "checkpoint"
         # T-PPO windows: rows are segments of rollouts (espo_async/training/windows.py, espo_async/training/tppo.py)
         self.windows = WindowLearning(self) if self.cfg.rollout.window_tokens > 0 else None
@@ -532,30 +531,19 @@ class Learner(Actor):
         )
 
     def _publish_weights(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Write the current weights (runs in a worker thread: sockets are touched only through
-        ``loop``, which announces the policy as soon as its file exists, so the samplers load it
-        while the critic's file is written). The files are transient (the checkpoint is what
-        survives a crash): no fsync and no digest (sha256 "") on this per-step path."""
+        """Publish the current weights through the weight transfer (espo_async/weights/; runs in a
+        worker thread: sockets are touched only through ``loop``, which announces the policy as
+        soon as it is published, so the samplers load it while the critic's is written)."""
         version = self.version
         with self.trainer_lock:
-            policy_path = self.weights_dir / f"policy-v{version}.safetensors"
-            sha, nbytes = self.trainer.save_policy_weights(policy_path, digest=False, durable=False)
-            self.last_weights["policy"] = policy = P.WeightsAnnounced(
-                model="policy", version=version, uri=f"file://{policy_path}", sha256=sha, nbytes=nbytes, step=self.step,
-                epoch=self.epoch,
-            )
+            self.last_weights["policy"] = policy = self.publisher.publish(
+                self.trainer, "policy", version, step=self.step, epoch=self.epoch)
             if loop is not None:
                 loop.call_soon_threadsafe(self.transport.try_send, self.pub, policy)
             if self.cfg.actors.critic is not None:
-                critic_path = self.weights_dir / f"critic-v{version}.safetensors"
-                sha, nbytes = self.trainer.save_critic_weights(critic_path, digest=False, durable=False)
-                self.last_weights["critic"] = P.WeightsAnnounced(
-                    model="critic", version=version, uri=f"file://{critic_path}", sha256=sha, nbytes=nbytes, step=self.step,
-                    epoch=self.epoch,
-                )
-        for old in self.weights_dir.glob("*-v*.safetensors"):
-            if int(old.stem.rsplit("-v", 1)[1]) <= version - self.cfg.weights.keep_versions:  # loads may be in flight
-                old.unlink(missing_ok=True)
+                self.last_weights["critic"] = self.publisher.publish(
+                    self.trainer, "critic", version, step=self.step, epoch=self.epoch)
+        self.publisher.retire(version)
 
     def _finish_run(self) -> None:
         self._save_checkpoint()

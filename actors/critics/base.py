@@ -23,6 +23,7 @@ import zmq
 import protocols as P
 from espo_async.assets import load_assets
 from espo_async.runtime.actor import Actor
+from espo_async.weights import loader_for
 
 
 @dataclass
@@ -176,7 +177,7 @@ class Critic(Actor):
                 async with self.model_lock:
                     t0 = time.perf_counter()
                     try:
-                        await asyncio.to_thread(self.model.load_weights, Path(msg.uri.removeprefix("file://")), msg.version)
+                        await loader_for(msg.uri, self.model).load(msg)
                     except Exception:  # keep the weights we have; the announcement is repeated
                         self.counters["weight_load_errors"] += 1
                         self.log.exception("could not load critic weights v%d from %r", msg.version, msg.uri[:300])

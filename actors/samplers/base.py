@@ -43,6 +43,7 @@ import protocols as P
 from espo_async.assets import load_assets
 from espo_async.runtime.actor import Actor
 from espo_async.utils import stable_seed
+from espo_async.weights import loader_for
 from protocols.messages import ActorDown, ActorUp
 from protocols.trajectory import segment_trajectory
 
@@ -332,9 +333,8 @@ class Sampler(Actor):
             if msg.version <= self.version and msg.epoch == self.learner_epoch:
                 return  # already have it (announcements repeat for late joiners)
             # (a restarted learner, new epoch, may go back to its checkpoint's version: follow it)
-            path = Path(msg.uri.removeprefix("file://"))
             received = time.time()
-            seconds = await self.engine.load_weights(path, msg.version)
+            seconds = await loader_for(msg.uri, self.engine).load(msg)
             self.version = msg.version
             self.learner_epoch = msg.epoch
             with (self.run_dir / "logs" / f"{self.name}.weights.jsonl").open("a") as f:
