@@ -12,6 +12,20 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
+def set_parent_death_signal(sig: int | None = None) -> None:
+    """Linux: ask the kernel to send ``sig`` (default SIGTERM) to this process when its parent
+    dies (no orphans after a kill -9). Elsewhere, or without libc: nothing."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM if sig is None else sig)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+
 def describe_exit(rc: int) -> str:
     """A process's exit status in words: "was killed by SIGKILL", "exited with code 1"."""
     import signal

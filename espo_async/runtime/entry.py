@@ -8,12 +8,10 @@ them, imports the actor class named in the config, and runs it on a uvloop event
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import importlib
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import yaml
 
 from espo_async.config import Config, parse_config
 from espo_async.runtime.actor import Actor, ActorContext
+from espo_async.utils import set_parent_death_signal
 
 
 def import_class(path: str) -> type:
@@ -93,16 +92,6 @@ def validate_actors(cfg: Config) -> None:
         errors.append(f"  task: {exc}")
     if errors:
         raise ConfigError("invalid configuration:\n" + "\n".join(errors))
-
-
-def set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
-    """Linux: ask the kernel to send ``sig`` when the parent dies (no orphans after kill -9)."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, sig)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
 
 
 def setup_logging(run_dir: Path, name: str) -> None:

@@ -41,7 +41,6 @@ its last checkpoint.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import logging
 import os
@@ -59,7 +58,7 @@ import msgpack
 import numpy as np
 
 from espo_async.training.batch import TrainSample
-from espo_async.utils import describe_exit, tail
+from espo_async.utils import describe_exit, set_parent_death_signal, tail
 
 __all__ = ["DataParallelError", "make_trainer", "serve", "encode", "decode", "main"]
 
@@ -149,9 +148,9 @@ def _join_group(backend: str, timeout_s: float) -> Channel:
     then the command group (gloo). Collective: every rank calls it."""
     import torch.distributed as dist
 
-    from espo_async.training.trainer import _skip_shm_comm_op
+    from espo_async.training.trainer import skip_shm_comm_op
 
-    _skip_shm_comm_op()
+    skip_shm_comm_op()
     timeout = datetime.timedelta(seconds=float(timeout_s))
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method="env://", timeout=timeout)
@@ -175,9 +174,9 @@ def spawn_workers(world_size: int, *, log_dir: Path, backend: str, timeout_s: fl
     """Start ranks 1..world_size-1 on this host; sets this process's own rank-0 environment."""
     import torch
 
-    from espo_async.training.trainer import _free_port
+    from espo_async.training.trainer import free_port
 
-    port = _free_port()
+    port = free_port()
     root = str(Path(__file__).resolve().parents[2])  # the folder holding espo_async/
     base = dict(os.environ)
     base.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size),
@@ -453,19 +452,13 @@ def serve(trainer, channel: Channel) -> None:
             raise DataParallelError(f"unknown command {op!r} from rank 0")
 
 
-def _set_parent_death_signal(sig: int) -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
-
-
 def _watch_parent() -> None:
     """A worker the learner started dies with it (no orphans): the kernel's parent-death signal,
     and a watchdog in case the signal was tied to a thread that ended."""
     parent = os.environ.get(ENV_PARENT)
     if not parent:
         return
-    _set_parent_death_signal(signal.SIGKILL)
+    set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != int(parent):  # the parent died before the signal was armed
         os._exit(1)
 

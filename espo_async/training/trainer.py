@@ -92,7 +92,7 @@ _TAG = "state"
 
 
 # ---------------------------------------------------------------------------------- plumbing
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -113,7 +113,7 @@ def init_distributed(*, backend: str = "gloo", timeout_s: float | None = None) -
 
     if dist.is_available() and dist.is_initialized():
         return
-    _skip_shm_comm_op()
+    skip_shm_comm_op()
     timeout = datetime.timedelta(seconds=float(timeout_s)) if timeout_s else None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -122,11 +122,11 @@ def init_distributed(*, backend: str = "gloo", timeout_s: float | None = None) -
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def _skip_shm_comm_op() -> None:
+def skip_shm_comm_op() -> None:
     """Keep DeepSpeed's CPU backend from JIT-compiling its ``deepspeed_shm_comm`` C++ op
     (minutes on a fresh 2-core machine): it only serves DeepSpeed's *inference* all-reduce, which
     training never calls, at any world size. The backend treats an op marked incompatible as
