@@ -1,1 +1,2 @@
-"""The learner's machinery: the stop-controller state and the PPO trainer."""
+"""The learner's machinery and nobody else's: the PPO trainer, batching, the data-parallel ranks
+and the T-PPO windows."""
