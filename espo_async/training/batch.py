@@ -229,6 +229,14 @@ class Advantages:
     outcome: torch.Tensor  # [B] outcome reward per row (NaN for incomplete)
 
 
+@dataclass
+class CriticTargets:
+    """What a critic-only update trains toward (the T-PPO critic update's part of ``Advantages``)."""
+
+    returns: torch.Tensor  # [B, T] value targets
+    critic_mask: torch.Tensor  # bool [B, T] tokens in the value loss
+
+
 def compute_advantages(values: torch.Tensor, bootstrap_values: torch.Tensor, mask: torch.Tensor,
                        endings: Sequence[str], task_rewards: torch.Tensor, group_ids: Sequence[str], *,
                        algo: AlgoConfig, r_fail: float, max_tokens: int) -> Advantages:

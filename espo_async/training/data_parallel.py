@@ -74,9 +74,9 @@ ENV_THREADS = "ESPO_DP_THREADS"  # torch intra-op threads
 DEFAULT_TIMEOUT_S = 600.0
 STOP_WAIT_S = 30.0  # how long close() waits for the workers to exit after "stop"
 
-# Operations a worker runs on command (PPOTrainer methods, plus T-PPO's critic update).
-_METHODS = ("train_step", "save_policy_weights", "save_critic_weights", "export_hf", "write_checkpoint",
-            "load_checkpoint")
+# Operations a worker runs on command (PPOTrainer methods).
+_METHODS = ("train_step", "train_critic_mc", "save_policy_weights", "save_critic_weights", "export_hf",
+            "write_checkpoint", "load_checkpoint")
 
 
 class DataParallelError(RuntimeError):
@@ -435,8 +435,6 @@ def make_trainer(cfg, policy_dir: str, critic_dir: str, *, critic_from_policy: b
 # ----------------------------------------------------------------------------- worker ranks
 def serve(trainer, channel: Channel) -> None:
     """A worker's loop: run rank 0's commands until "stop"."""
-    from espo_async.training.tppo import train_critic_mc
-
     while True:
         cmd = decode(channel.recv())
         op, args = cmd["op"], cmd.get("args") or {}
@@ -444,9 +442,7 @@ def serve(trainer, channel: Channel) -> None:
             return
         if op == "ping":
             continue
-        if op == "train_critic_mc":
-            train_critic_mc(trainer, **args)
-        elif op in _METHODS:
+        if op in _METHODS:
             getattr(trainer, op)(**args)
         else:
             raise DataParallelError(f"unknown command {op!r} from rank 0")

@@ -1,7 +1,8 @@
 """T-PPO windows (Truncated PPO, arXiv 2506.15050): how long rollouts become training rows.
 
-Mode: ``rollout.window_tokens = W > 0``. Everything here is pure bookkeeping (numpy and the
-protocol types; torch only inside the critic update); the actors call it.
+Mode: ``rollout.window_tokens = W > 0``. Everything here is pure bookkeeping (numpy, the
+protocol types, torch for the Monte-Carlo returns); the learner calls it (training/windows.py),
+and ``PPOTrainer.train_critic_mc`` trains the critic toward those returns.
 
 The design, end to end
 ----------------------
@@ -66,7 +67,6 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -75,7 +75,6 @@ import protocols as P
 
 if TYPE_CHECKING:  # pragma: no cover
     from espo_async.training.batch import TrainSample
-    from espo_async.training.trainer import PPOTrainer
 
 Key = tuple[str, int]  # (prompt id, sample index)
 
@@ -340,44 +339,7 @@ def monte_carlo_returns(values, bootstrap_values, mask, endings: Sequence[str], 
     return ret
 
 
-def train_critic_mc(trainer: PPOTrainer, samples: list[TrainSample]) -> dict[str, float]:
-    """One critic update on complete responses with Monte-Carlo returns: ``algo.epochs`` x
-    ``algo.minibatches`` optimiser steps with the trainer's clipped value loss (clipped around
-    the values before the update), micro-batched like every other pass. Call it under the
-    learner's trainer lock; returns float metrics (``critic_loss`` among them). With several
-    ranks (data_parallel.py) rank 0 has every rank run it on the same samples; each takes its
-    share of the rows, as in ``train_step``."""
-    with trainer._op("train_critic_mc", samples=samples):
-        return _train_critic_mc(trainer, samples)
-
-
-def _train_critic_mc(trainer: PPOTrainer, samples: list[TrainSample]) -> dict[str, float]:
-    import torch
-
-    from espo_async.core.advantages import masked_mean
-    from espo_async.training.batch import pack_responses
-
-    kept = [s for s in samples if len(s.response_ids) > 0 and len(s.prompt_ids) > 0]
-    if not kept or trainer.critic_engine is None:
-        return {"critic_rollouts": 0.0}
-    algo = trainer.algo
-    resp = pack_responses(kept)
-    n_rows, t_max = resp.mask.shape
-    values = trainer._rollout_pass(kept, resp, policy=False)["values"]
-    boot = values.gather(1, resp.lengths[:, None])[:, 0]
-    ret = monte_carlo_returns(values[:, :t_max], boot, resp.mask, resp.endings, resp.task_rewards,
-                              gamma=algo.gamma, r_fail=trainer.cfg.stop.r_fail, truncation=algo.truncation)
-    ret = torch.where(resp.mask, ret, torch.zeros_like(ret)).to(torch.float32)
-    targets = SimpleNamespace(critic_mask=resp.mask, returns=ret)
-    old = {"values": values}
-    gen = torch.Generator().manual_seed(trainer.seed * 1_000_003 + trainer.global_step + 500_009)
-    out = trainer.run_minibatches(n_rows, gen, lambda rows: trainer._critic_minibatch(kept, resp, old, targets, rows))
-    out.update(
-        critic_rollouts=float(n_rows),
-        critic_tokens=float(resp.mask.sum()),
-        critic_return_mean=float(masked_mean(ret, resp.mask)),
-        critic_value_mean=float(masked_mean(values[:, :t_max], resp.mask)),
-    )
-    if "critic_loss" in out:
-        out["value_loss"] = out["critic_loss"]
-    return out
+def train_critic_mc(trainer, samples: list[TrainSample]) -> dict[str, float]:
+    """The T-PPO critic update: ``PPOTrainer.train_critic_mc`` (the trainer owns its optimiser
+    steps; the returns are ``monte_carlo_returns`` above)."""
+    return trainer.train_critic_mc(samples)

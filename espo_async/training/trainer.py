@@ -64,8 +64,10 @@ from espo_async.core.losses import (
     ppo_policy_loss,
     value_loss,
 )
+from espo_async.models.value_model import VALUE_FORMAT, ValueModel, quiet_loading
 from espo_async.training.batch import (
     Advantages,
+    CriticTargets,
     ResponseBatch,
     TrainSample,
     compute_advantages,
@@ -75,7 +77,6 @@ from espo_async.training.batch import (
     pack_responses,
     plan_micro_batches,
 )
-from espo_async.models.value_model import VALUE_FORMAT, ValueModel, quiet_loading
 from espo_async.utils import atomic_dir
 
 __all__ = ["PPOTrainer", "TrainSample", "PolicyLogprobs", "ValueModel", "compute_advantages",
@@ -566,6 +567,41 @@ class PPOTrainer:
         finally:
             self._set_train(False)
         return {k: float(np.mean(v)) for k, v in acc.items()}
+
+    def train_critic_mc(self, samples: list[TrainSample]) -> dict[str, float]:
+        """T-PPO windows (espo_async/training/tppo.py): one critic update on complete responses
+        with Monte-Carlo returns: ``algo.epochs`` x ``algo.minibatches`` optimiser steps with the
+        clipped value loss (clipped around the values before the update), micro-batched like every
+        other pass. Returns float metrics (``critic_loss`` among them). With several ranks
+        (data_parallel.py) every rank runs it on the same samples and takes its share of the rows,
+        as in ``train_step``."""
+        from espo_async.training.tppo import monte_carlo_returns
+
+        with self._op("train_critic_mc", samples=samples):
+            kept = [s for s in samples if len(s.response_ids) > 0 and len(s.prompt_ids) > 0]
+            if not kept or self.critic_engine is None:
+                return {"critic_rollouts": 0.0}
+            algo = self.algo
+            resp = pack_responses(kept)
+            n_rows, t_max = resp.mask.shape
+            values = self._rollout_pass(kept, resp, policy=False)["values"]
+            boot = values.gather(1, resp.lengths[:, None])[:, 0]
+            ret = monte_carlo_returns(values[:, :t_max], boot, resp.mask, resp.endings, resp.task_rewards,
+                                      gamma=algo.gamma, r_fail=self.cfg.stop.r_fail, truncation=algo.truncation)
+            ret = torch.where(resp.mask, ret, torch.zeros_like(ret)).to(torch.float32)
+            targets = CriticTargets(returns=ret, critic_mask=resp.mask)
+            old = {"values": values}
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step + 500_009)
+            out = self.run_minibatches(n_rows, gen, lambda rows: self._critic_minibatch(kept, resp, old, targets, rows))
+            out.update(
+                critic_rollouts=float(n_rows),
+                critic_tokens=float(resp.mask.sum()),
+                critic_return_mean=float(masked_mean(ret, resp.mask)),
+                critic_value_mean=float(masked_mean(values[:, :t_max], resp.mask)),
+            )
+            if "critic_loss" in out:
+                out["value_loss"] = out["critic_loss"]
+            return out
 
     def _set_train(self, mode: bool) -> None:
         self.policy.train(mode)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import protocols as P
-from espo_async.training.tppo import Row, WindowBook, train_critic_mc, window_metrics
+from espo_async.training.tppo import Row, WindowBook, window_metrics
 
 if TYPE_CHECKING:  # pragma: no cover
     from espo_async.config import Config
@@ -105,7 +105,7 @@ class WindowLearning:
         self.critic_batch = []
         if full:
             reward = self.learner.reward
-            critic = train_critic_mc(trainer, [
+            critic = trainer.train_critic_mc([
                 TrainSample(prompt_ids=t.prompt_token_ids, response_ids=t.token_ids, behaviour_logprobs=t.logprobs,
                             versions=t.versions, ending=t.ending, task_reward=reward(t.prompt_id, t.text),
                             group_id=t.prompt_id)
