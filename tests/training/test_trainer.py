@@ -244,3 +244,25 @@ def test_zero2_bf16_separate_critic_backbone(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).config.vocab_size == tr.vocab_size
+
+
+def test_lr_warmup_rises_linearly_and_resumes(tiny_dir, tmp_path):
+    """algo.lr_warmup_steps = 4: optimiser step k (from 0) runs at lr * (k + 1) / 4, then lr; the
+    schedule's position survives a checkpoint (a resumed run does not warm up again)."""
+    lr = 1e-3
+
+    def current(tr):
+        return tr.policy_engine.optimizer.param_groups[0]["lr"]
+
+    a = make_trainer(tiny_dir, tmp_path, "a", lr=lr, lr_warmup_steps=4, minibatches=2)
+    assert current(a) == pytest.approx(lr / 4)
+    a.train_step(make_batch(seed=10), step=1, learner_version=0)  # two optimiser steps
+    assert current(a) == pytest.approx(lr * 3 / 4)
+    a.save_checkpoint(tmp_path / "ckpt")
+    b = make_trainer(tiny_dir, tmp_path, "b", lr=lr, lr_warmup_steps=4, minibatches=2)
+    b.load_checkpoint(tmp_path / "ckpt")
+    assert current(b) == pytest.approx(lr * 3 / 4)
+    b.train_step(make_batch(seed=11), step=2, learner_version=1)
+    assert current(b) == pytest.approx(lr)
+    plain = make_trainer(tiny_dir, tmp_path, "c", lr=lr)
+    assert current(plain) == pytest.approx(lr)
