@@ -132,6 +132,13 @@ class AlgoConfig(_Section):
     epochs: int = Field(1, ge=1, description="PPO epochs over each batch.")
     minibatches: int = Field(1, ge=1, description="Minibatches per epoch.")
     lr: float = Field(1e-6, gt=0, description="Policy learning rate (paper: 1e-6).")
+    critic_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Learner steps 1..N train only the critic (the policy is not updated), so GAE's per-token "
+        "credit comes from a critic that already knows the policy's values (verl: critic_warmup). 0: off. "
+        "Ignored without a critic (GRPO).",
+    )
     lr_warmup_steps: int = Field(
         0,
         ge=0,
