@@ -270,7 +270,7 @@ class PPOTrainer:
             self.ref = PolicyLogprobs(ref_lm, temperature).to(self.device)
 
         self.policy = PolicyLogprobs(lm, temperature)
-        self.policy_engine = self._engine(self.policy, self.algo.lr, deepspeed)
+        self.policy_engine = self._engine(self.policy, self.algo.lr, deepspeed, warmup=self.algo.lr_warmup_steps)
 
         # the critic: needed for GAE, and whenever a critic actor streams values (the stop rule)
         self.has_critic = self.algo.advantage == "gae" or cfg.actors.critic is not None
@@ -302,14 +302,22 @@ class PPOTrainer:
             out["optimizer"] = _deep_merge(out["optimizer"], {"params": {"lr": float(lr)}})
         return out
 
-    def _engine(self, module: nn.Module, lr: float, deepspeed):
+    def _engine(self, module: nn.Module, lr: float, deepspeed, warmup: int = 0):
+        """A DeepSpeed engine for ``module``. ``warmup`` > 0: the learning rate rises linearly to
+        ``lr`` over that many optimiser steps (a LambdaLR that DeepSpeed steps with the optimiser
+        and keeps in its checkpoints)."""
         ds_cfg = self._ds_config(lr)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = None
         if "optimizer" not in ds_cfg:
             optimizer = torch.optim.AdamW(params, lr=float(lr), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        scheduler = None
+        if warmup > 0 and "scheduler" not in ds_cfg:
+            def scheduler(opt):
+                return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup))
         engine, *_ = deepspeed.initialize(model=module, model_parameters=params if optimizer is None else None,
-                                          optimizer=optimizer, config=ds_cfg, dist_init_required=False)
+                                          optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+                                          dist_init_required=False)
         return engine
 
     @contextlib.contextmanager
@@ -533,8 +541,13 @@ class PPOTrainer:
         aux_agg = "token" if algo.policy_loss == "entropy_is" else algo.loss_agg
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
 
+        # critic warm-up (algo.critic_warmup_steps): the critic learns the current policy's values
+        # before they steer the policy; the policy is not updated meanwhile (its weights, version
+        # and rollouts are unchanged, so every step of it is on-policy data for the critic)
+        policy_frozen = self.critic_engine is not None and self.global_step <= algo.critic_warmup_steps
+
         def minibatch(rows: list[int]) -> dict[str, float]:
-            out = self._policy_minibatch(samples, resp, old, adv, is_w, rows, pg_kind, aux_agg)
+            out = {} if policy_frozen else self._policy_minibatch(samples, resp, old, adv, is_w, rows, pg_kind, aux_agg)
             if self.critic_engine is not None:
                 out = {**out, **self._critic_minibatch(samples, resp, old, adv, rows)}
             return out
