@@ -32,6 +32,7 @@ from actors.reward import TaskReward
 from actors.stopper import params_from_snapshot
 from actors.tppo import WindowLearning
 from espo_async.assets import load_assets
+from espo_async.eval_stats import accuracy_se, paired_difference, per_problem_means
 from espo_async.runtime.actor import Actor
 from espo_async.runtime.metrics import MetricsWriter
 from espo_async.runtime.trajectory_log import TrajectoryLog, replay
@@ -291,11 +292,14 @@ class Learner(Actor):
 
     def _eval_result(self, rnd: EvalRound) -> dict:
         n = len(rnd.scores)
+        _, se = accuracy_se(rnd.scores)
         return {
             "round": rnd.request.round,
             "step": rnd.request.round,
             "policy_version": rnd.request.policy_version,
             "accuracy": sum(rnd.scores.values()) / max(n, 1),
+            "accuracy_se": se,  # over problems (espo_async/eval_stats.py)
+            "per_problem": per_problem_means(rnd.scores),
             "n": n,
             "problems": rnd.request.n_problems,
             "samples": rnd.request.samples,
@@ -570,8 +574,11 @@ class Learner(Actor):
             "evaluations": [self._eval_result(self.evals[r]) for r in rounds if self.evals[r].done.is_set()],
         }
         if summary["evaluations"]:
-            summary["eval_before"] = summary["evaluations"][0]
-            summary["eval_after"] = summary["evaluations"][-1]
+            summary["eval_before"] = first = summary["evaluations"][0]
+            summary["eval_after"] = last = summary["evaluations"][-1]
+            if len(summary["evaluations"]) > 1:
+                d, d_se, n_problems = paired_difference(first["per_problem"], last["per_problem"])
+                summary["eval_gain"] = {"accuracy": d, "se": d_se, "problems": n_problems}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
     async def teardown(self) -> None:
