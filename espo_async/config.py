@@ -155,6 +155,11 @@ class RolloutConfig(_Section):
     samples_per_prompt: int = Field(8, ge=1, description="Rollouts per prompt (paper: 8).")
     prompts_per_batch: int = Field(8, ge=1, description="Prompts per training batch; batch = prompts x samples (paper: 64 rollouts).")
     max_tokens: int = Field(256, ge=1, description="T_max: generation limit per rollout (paper: 8192).")
+    max_prompt_tokens: int = Field(
+        32768, ge=1, description="Longest prompt (tokens) a sampler generates for and the learner accepts: a "
+        "frame claiming more is rejected at intake (what one frame may cost). Training problems whose prompt is "
+        "longer are skipped by the coordinator (counted: prompts_too_long).",
+    )
     temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     staleness: int = Field(
@@ -479,6 +484,21 @@ class RunConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every this many steps (0: at the end only).")
     tensorboard: bool = Field(True, description="Write TensorBoard event files beside metrics.jsonl.")
     progress: bool = Field(True, description="Show a progress bar on the console.")
+    stall_timeout_s: float = Field(
+        1800.0, ge=0, description="A stall: no learner step and no trajectory acknowledged for this long while "
+        "prompt groups or evaluation rounds are unfinished. The coordinator then writes what the run waits for "
+        "(each missing sample: issued to whom and when, queued, or nowhere) to RUN/stall.json and RUN/stalls.jsonl, "
+        "the supervisor shows it on the console, and the missing samples are issued again. Must exceed the longest "
+        "learner step plus the longest rollout. 0: off.",
+    )
+    stall_reissues: int = Field(
+        2, ge=0, description="Recoveries (issuing the missing samples again) from stalls in a row without progress; "
+        "at the next stall the run ends with exit code 1 and a message naming what it waited for.",
+    )
+    counters_every_s: float = Field(
+        30.0, ge=0, description="How often the supervisor appends every actor's counters to RUN/counters.jsonl "
+        "(also once at the end). 0: only at the end.",
+    )
 
 
 class Config(_Section):
