@@ -23,6 +23,8 @@ top1_logprob           -0.05      log-probability of the mode token
 load_weights_s         0.0        simulated weight-loading time
 crash_after_tokens     0          exit the process after this many tokens in total (0: never)
 hang_after_tokens      0          stop producing tokens (and heartbeats) after this many
+never_finish           ""         a prompt id prefix (e.g. "g3/"): rollouts of those prompts stall
+                                  forever after their first token (the process stays healthy)
 =====================  =========  =============================================================
 """
 
@@ -58,6 +60,7 @@ class FakeEngineOptions(BaseModel):
     load_weights_s: float = Field(0.0, ge=0)
     crash_after_tokens: int = Field(0, ge=0)
     hang_after_tokens: int = Field(0, ge=0)
+    never_finish: str = ""
 
 
 class FakeEngine:
@@ -154,6 +157,13 @@ class FakeEngine:
                     reason = None
                     if done:
                         reason = "stop" if tokens[-1] == self.eos else "length"
+                    if o.never_finish and context.get("prompt_id", "").startswith(o.never_finish):
+                        reason = None
+                        yield _chunk(tokens[i:j], regrets[i:j], o.top1_logprob, reason)
+                        while request_id not in self.aborted:  # an unfinishable rollout (stall tests)
+                            await asyncio.sleep(0.05)  # simulated engine that never ends this request
+                        yield _chunk([], [], o.top1_logprob, "abort")
+                        return
                     yield _chunk(tokens[i:j], regrets[i:j], o.top1_logprob, reason)
                     i = j
             finally:
