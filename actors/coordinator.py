@@ -133,10 +133,16 @@ class Coordinator(Actor):
         out["open_groups"] = float(len(self.open))
         out["open_eval_rounds"] = float(len(self.eval_open))
         owned: dict[bytes, int] = {}
+        oldest: dict[bytes, int] = {}
         for o in self.outstanding.values():  # per sampler: work it holds (in flight or unacknowledged)
             owned[o.sampler] = owned.get(o.sampler, 0) + 1
+            g = group_of(o.work.prompt_id) if not o.delivered else None
+            if g is not None:  # and the oldest group it is still generating for
+                oldest[o.sampler] = min(oldest.get(o.sampler, g), g)
         for ident, n in owned.items():
             out[f"owned.{ident.decode(errors='replace')[:100]}"] = float(n)
+        for ident, g in oldest.items():
+            out[f"oldest_group.{ident.decode(errors='replace')[:100]}"] = float(g)
         return out
 
     async def main(self) -> None:
@@ -436,6 +442,8 @@ class Coordinator(Actor):
         the run with exit code 1 naming what was missing)."""
         limit = self.cfg.run.stall_timeout_s
         now = time.monotonic()
+        if self.counters["stall_gave_up"]:
+            return  # said once; the supervisor ends the run
         if not limit or self.learner_epoch is None or not (self.open or self.eval_open):
             self._progress()  # nothing unfinished that is ours: the learner trains, or the run is over
             return
