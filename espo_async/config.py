@@ -340,15 +340,28 @@ class CurveConfig(_Section):
     """ZeroMQ CURVE: every socket authenticates its peer and encrypts every frame."""
 
     enabled: bool = Field(False, description="Use CURVE on every socket (required for a non-loopback transport.host).")
+    auto: bool = Field(
+        False,
+        description="The one switch for a shared machine: CURVE on every socket (loopback tcp and ipc too) with keys "
+        "made for this run in RUN/curve (0700, secret keys 0600; kept when the run is resumed); implies enabled. "
+        "With several hosts, RUN/curve must be at the same path on every host (shared storage), or use keys_dir.",
+    )
     keys_dir: str | None = Field(
         None,
         description="Folder made by 'python -m espo_async.runtime.keys gen DIR': server.key(_secret), "
         "client.key(_secret) and authorized/ (client public keys allowed to connect).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _auto(cls, data):
+        if isinstance(data, dict) and data.get("auto") is True:
+            data = {**data, "enabled": True}
+        return data
+
     @model_validator(mode="after")
     def _keys(self) -> CurveConfig:
-        if not self.enabled:
+        if not self.enabled or (self.auto and not self.keys_dir):  # auto: the supervisor makes them
             return self
         if not self.keys_dir:
             raise ValueError("curve.enabled needs curve.keys_dir (make one with: python -m espo_async.runtime.keys gen DIR)")

@@ -119,6 +119,20 @@ def supervisor_cpus(cfg: Config, available: set[int]) -> set[int] | None:
     return rest or None
 
 
+def curve_keys_for_run(cfg: Config, run_dir: Path) -> Config:
+    """``transport.curve.auto``: CURVE keys made for this run in RUN/curve (kept on resume), and
+    the config every actor reads (RUN/config.yaml, join.json) names them."""
+    curve = cfg.transport.curve
+    if not curve.auto or curve.keys_dir:
+        return cfg
+    folder = (run_dir / "curve").resolve()
+    if not (folder / "server.key_secret").is_file():
+        keys.generate(folder, force=True)
+    keys.load(folder)  # unusable (e.g. readable by others): fail now, naming it
+    curve = curve.model_copy(update={"keys_dir": str(folder)})
+    return cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"curve": curve})})
+
+
 class Supervisor:
     def __init__(
         self,
@@ -132,9 +146,9 @@ class Supervisor:
         run_key: bytes | None = None,
     ):
         validate_actors(config)  # fail here, naming the key, not in a child process later
-        self.cfg = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = config = curve_keys_for_run(config, self.run_dir)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         tcfg = config.transport
         self.addresses = addresses or resolve_addresses(
@@ -146,7 +160,7 @@ class Supervisor:
         #: The secret the coordinator's work tags are made with (RUN/run.key; the head's, when joining).
         self.run_key = keys.run_key(self.run_dir, value=run_key)
         self._counters_at = 0.0  # when counters.jsonl was last written
-        self._stalls_seen = 0.0
+        self._stalls_seen = (0, 0.0)  # (coordinator incarnation, stalls it reported)
         self.env = dict(env or {})
         self.progress = config.run.progress if progress is None else progress
         self.actors: dict[str, ActorState] = {
@@ -404,9 +418,12 @@ class Supervisor:
         """The coordinator reported a stall (run.stall_timeout_s): show what the run waits for;
         if it gave up (run.stall_reissues), end the run naming it."""
         stalls = state.counters.get("stalls", 0.0)
-        if not (math.isfinite(stalls) and stalls > self._stalls_seen):
+        seen_incarnation, seen = self._stalls_seen
+        if seen_incarnation != state.incarnation:  # a restarted coordinator counts from 0 again
+            seen = 0.0
+        if not (math.isfinite(stalls) and stalls > seen):
             return
-        self._stalls_seen = stalls
+        self._stalls_seen = (state.incarnation, stalls)
         summary = self._stall_summary()
         log.error("the run is stalled: %s", summary)
         self._event("stalled", state, summary)
