@@ -54,7 +54,7 @@ from espo_async.runtime.actor import Actor
 from espo_async.runtime.entry import actor_instances
 from espo_async.runtime.keys import run_key
 from espo_async.tasks.registry import make_task
-from protocols.messages import ActorDown, Received
+from protocols.messages import ActorDown, ActorUp, Received
 
 MAX_CREDITS = 4096  # per sampler: a peer cannot claim more slots than this
 MAX_DELIVERED = 100_000  # delivered-but-unacknowledged requests remembered (acks lost: bounded)
@@ -119,6 +119,7 @@ class Coordinator(Actor):
         self.last_progress = time.monotonic()  # a learner step, an eval result or an acknowledgement
         self.last_step = -1
         self.stalls = 0  # stall periods in a row without progress
+        self.down: dict[str, int] = {}  # actors of this host the supervisor says are down (incarnation)
 
     def heartbeat_counters(self) -> dict[str, float]:
         out = super().heartbeat_counters()
@@ -444,8 +445,10 @@ class Coordinator(Actor):
         now = time.monotonic()
         if self.counters["stall_gave_up"]:
             return  # said once; the supervisor ends the run
-        if not limit or self.learner_epoch is None or not (self.open or self.eval_open):
-            self._progress()  # nothing unfinished that is ours: the learner trains, or the run is over
+        if not limit or self.learner_epoch is None or not (self.open or self.eval_open) or self.down:
+            # Nothing unfinished that is ours (the learner trains, or the run is over), or an actor
+            # is down and being restarted: not a stall (the clock starts again afterwards).
+            self._progress()
             return
         idle = now - self.last_progress
         if idle <= limit:
@@ -652,6 +655,11 @@ class Coordinator(Actor):
         self.groups_started = groups
 
     async def on_control(self, msg: P.Message) -> None:
+        # While an actor of this host is down (restarting), a quiet run is not a stall.
+        if isinstance(msg, ActorDown):
+            self.down[msg.actor] = msg.incarnation
+        elif isinstance(msg, ActorUp) and self.down.get(msg.actor, -1) < msg.incarnation:
+            self.down.pop(msg.actor, None)
         if isinstance(msg, ActorDown) and msg.role == "sampler":
             key = (msg.actor, msg.incarnation)
             if key in self.losses_seen:

@@ -499,7 +499,7 @@ class RunConfig(_Section):
     progress: bool = Field(True, description="Show a progress bar on the console.")
     stall_timeout_s: float = Field(
         1800.0, ge=0, description="A stall: no learner step and no trajectory acknowledged for this long while "
-        "prompt groups or evaluation rounds are unfinished. The coordinator then writes what the run waits for "
+        "prompt groups or evaluation rounds are unfinished and no actor is down. The coordinator then writes what the run waits for "
         "(each missing sample: issued to whom and when, queued, or nowhere) to RUN/stall.json and RUN/stalls.jsonl, "
         "the supervisor shows it on the console, and the missing samples are issued again. Must exceed the longest "
         "learner step plus the longest rollout. 0: off.",
