@@ -132,6 +132,13 @@ class AlgoConfig(_Section):
     epochs: int = Field(1, ge=1, description="PPO epochs over each batch.")
     minibatches: int = Field(1, ge=1, description="Minibatches per epoch.")
     lr: float = Field(1e-6, gt=0, description="Policy learning rate (paper: 1e-6).")
+    lr_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="The policy's learning rate rises linearly from lr/N to lr over its first N optimiser steps "
+        "(epochs x minibatches per learner step); 0: constant. Adam's first steps move every parameter by ~lr "
+        "whatever its gradient, which on a sharp warmed-up model is mostly noise (docs/results.notes.md).",
+    )
     critic_lr: float = Field(1e-5, gt=0, description="Critic learning rate.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
     micro_batch_tokens: int = Field(2048, ge=1, description="Learner micro-batch size in padded tokens (gradient accumulation; memory).")

@@ -289,7 +289,7 @@ class PPOTrainer:
             self.ref = PolicyLogprobs(ref_lm, temperature).to(self.device)
 
         self.policy = PolicyLogprobs(lm, temperature)
-        self.policy_engine = self._engine(self.policy, self.algo.lr, deepspeed)
+        self.policy_engine = self._engine(self.policy, self.algo.lr, deepspeed, warmup=self.algo.lr_warmup_steps)
 
         # the critic: needed for GAE, and whenever a critic actor streams values (the stop rule)
         self.has_critic = self.algo.advantage == "gae" or cfg.actors.critic is not None
@@ -321,14 +321,22 @@ class PPOTrainer:
             out["optimizer"] = _deep_merge(out["optimizer"], {"params": {"lr": float(lr)}})
         return out
 
-    def _engine(self, module: nn.Module, lr: float, deepspeed):
+    def _engine(self, module: nn.Module, lr: float, deepspeed, warmup: int = 0):
+        """A DeepSpeed engine for ``module``. ``warmup`` > 0: the learning rate rises linearly to
+        ``lr`` over that many optimiser steps (a LambdaLR that DeepSpeed steps with the optimiser
+        and keeps in its checkpoints)."""
         ds_cfg = self._ds_config(lr)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = None
         if "optimizer" not in ds_cfg:
             optimizer = torch.optim.AdamW(params, lr=float(lr), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        scheduler = None
+        if warmup > 0 and "scheduler" not in ds_cfg:
+            def scheduler(opt):
+                return torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warmup))
         engine, *_ = deepspeed.initialize(model=module, model_parameters=params if optimizer is None else None,
-                                          optimizer=optimizer, config=ds_cfg, dist_init_required=False)
+                                          optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+                                          dist_init_required=False)
         return engine
 
     @contextlib.contextmanager
