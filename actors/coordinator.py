@@ -177,7 +177,7 @@ class Coordinator(Actor):
             "draws": self.draws,
             "open": {str(g): [o.problem, sorted(o.acked)] for g, o in self.open.items()},
             "eval": {str(r): [_fields(o.request), sorted(o.acked)] for r, o in self.eval_open.items()},
-            "learner_epoch": self.learner_epoch,
+            "learner_epoch": self.learner_epoch or self.learner_epoch_before,  # not heard yet: the one before
         }
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
