@@ -110,8 +110,11 @@ class AlgoConfig(_Section):
     gamma: float = Field(1.0, ge=0, le=1, description="Discount (not reported; 1.0 is standard for LLM RL).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (not reported).")
     truncation: Literal["bootstrap", "terminal"] = Field(
-        "bootstrap",
-        description="A rollout cut at max_tokens without EOS: bootstrap from V(s_T) (it is not terminal) or treat as terminal.",
+        "terminal",
+        description="A rollout cut at max_tokens without EOS: terminal (the verifier scores the cut text, usually 0; "
+        "the default, as in verl and OpenRLHF) or bootstrap from V(s_T). max_tokens also bounds evaluation, so the "
+        "cut is part of the task, and bootstrapping pays a rollout that rambles to the cut V(s_T) > 0 where a "
+        "finished wrong answer gets 0 (docs/results.notes.md).",
     )
     clip_low: float = Field(0.2, gt=0, description="PPO ratio clip below 1.")
     clip_high: float = Field(0.2, gt=0, description="PPO ratio clip above 1 (DAPO clip-higher: 0.28).")
@@ -132,6 +135,13 @@ class AlgoConfig(_Section):
     epochs: int = Field(1, ge=1, description="PPO epochs over each batch.")
     minibatches: int = Field(1, ge=1, description="Minibatches per epoch.")
     lr: float = Field(1e-6, gt=0, description="Policy learning rate (paper: 1e-6).")
+    critic_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Learner steps 1..N train only the critic (the policy is not updated), so GAE's per-token "
+        "credit comes from a critic that already knows the policy's values (verl: critic_warmup). 0: off. "
+        "Ignored without a critic (GRPO).",
+    )
     lr_warmup_steps: int = Field(
         0,
         ge=0,

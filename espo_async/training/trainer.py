@@ -560,8 +560,13 @@ class PPOTrainer:
         aux_agg = "token" if algo.policy_loss == "entropy_is" else algo.loss_agg
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step)
 
+        # critic warm-up (algo.critic_warmup_steps): the critic learns the current policy's values
+        # before they steer the policy; the policy is not updated meanwhile (its weights, version
+        # and rollouts are unchanged, so every step of it is on-policy data for the critic)
+        policy_frozen = self.critic_engine is not None and self.global_step <= algo.critic_warmup_steps
+
         def minibatch(rows: list[int]) -> dict[str, float]:
-            out = self._policy_minibatch(samples, resp, old, adv, is_w, rows, pg_kind, aux_agg)
+            out = {} if policy_frozen else self._policy_minibatch(samples, resp, old, adv, is_w, rows, pg_kind, aux_agg)
             if self.critic_engine is not None:
                 out = {**out, **self._critic_minibatch(samples, resp, old, adv, rows)}
             return out

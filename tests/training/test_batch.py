@@ -102,7 +102,7 @@ def _batch(endings, lengths, rewards, T=4):
 def test_absorbed_gets_r_fail_and_no_bootstrap():
     mask, values, boot, endings, task = _batch(["absorbed", "finished", "truncated", "incomplete"],
                                                [3, 4, 4, 2], [1.0, 1.0, 1.0, 1.0])
-    algo = AlgoConfig(gamma=1.0, lam=1.0, whiten_advantages=False)
+    algo = AlgoConfig(gamma=1.0, lam=1.0, whiten_advantages=False, truncation="bootstrap")
     a = compute_advantages(values, boot, mask, endings, task, ["g"] * 4, algo=algo, r_fail=-1.0, max_tokens=4)
     # absorbed: r_fail on the stop token (index l-1 = 2), nothing bootstrapped after it
     assert a.rewards[0].tolist() == [0.0, 0.0, -1.0, 0.0]

@@ -266,3 +266,15 @@ def test_lr_warmup_rises_linearly_and_resumes(tiny_dir, tmp_path):
     assert current(b) == pytest.approx(lr)
     plain = make_trainer(tiny_dir, tmp_path, "c", lr=lr)
     assert current(plain) == pytest.approx(lr)
+
+
+def test_critic_warmup_trains_only_the_critic(tiny_dir, tmp_path):
+    """algo.critic_warmup_steps = 1: step 1 leaves the policy untouched and trains the critic;
+    step 2 trains both."""
+    tr = make_trainer(tiny_dir, tmp_path, lr=1e-3, critic_warmup_steps=1)
+    p0, c0 = params(tr.policy.lm), params(tr.critic)
+    m1 = tr.train_step(make_batch(seed=12), step=1, learner_version=0)
+    assert not changed(p0, tr.policy.lm) and changed(c0, tr.critic)
+    assert np.isnan(m1["policy_loss"]) and np.isfinite(m1["critic_loss"])
+    tr.train_step(make_batch(seed=13), step=2, learner_version=0)
+    assert changed(p0, tr.policy.lm)
