@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             from espo_async.runtime.transport import joined_addresses
 
             addresses = joined_addresses(joined["addresses"], str(run_dir))
-            supervisor = Supervisor(cfg, run_dir, addresses=addresses, joining=True)
+            key = joined.get("run_key")  # the head's key for work tags (a coordinator or learner here needs it)
+            supervisor = Supervisor(cfg, run_dir, addresses=addresses, joining=True,
+                                    run_key=bytes.fromhex(key) if key else None)
         else:
             supervisor = Supervisor(cfg, run_dir)
     except (ConfigError, ValueError) as exc:
