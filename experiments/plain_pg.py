@@ -129,7 +129,7 @@ def evaluate(model, tok, task, problems, *, n: int, temperature: float, max_new:
 
 
 def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, credit: str = "all",
-          trainable: str | None = None) -> list[dict]:
+          trainable: str | None = None, adam_eps: float = 1e-8) -> list[dict]:
     """GRPO-style policy gradient on sampled groups; one optimiser step per batch.
 
     ``credit="oracle"`` (a diagnostic, not a method: it reads the gold solution) trains a wrong
@@ -146,7 +146,7 @@ def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, cred
             p.requires_grad_(bool(pattern.search(name)))
         params = [p for p in model.parameters() if p.requires_grad]
         log(f"training {sum(p.numel() for p in params)} parameters matching {trainable!r}")
-    opt = (torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if optim == "adam"
+    opt = (torch.optim.AdamW(params, lr=lr, eps=adam_eps, weight_decay=0.0) if optim == "adam"
            else torch.optim.SGD(params, lr=lr))
     pad = tok.pad_token_id or 0
     history = []
@@ -208,6 +208,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="policy-gradient steps (0: only measure the start)")
     ap.add_argument("--lr", type=float, default=None, help="default: the config's algo.lr")
     ap.add_argument("--optim", choices=("adam", "sgd"), default="adam")
+    ap.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's epsilon")
     ap.add_argument("--trainable", default=None, help="regex of the parameter names to train (default: all)")
     ap.add_argument("--credit", choices=("all", "oracle", "positive"), default="all",
                     help="oracle: wrong rollouts train only up to their first mistake (diagnostic)")
@@ -233,7 +234,8 @@ def main(argv=None) -> int:
     if a.steps:
         t1 = time.time()
         result["history"] = train(model, tok, task, cfg, steps=a.steps, lr=a.lr or cfg.algo.lr, optim=a.optim,
-                                  log=lambda s: print(s, flush=True), credit=a.credit, trainable=a.trainable)
+                                  log=lambda s: print(s, flush=True), credit=a.credit, trainable=a.trainable,
+                                  adam_eps=a.adam_eps)
         result["train_s"] = time.time() - t1
         result["after"] = evaluate(model, tok, task, problems, **ev)
         print("after", json.dumps(result["after"]), flush=True)
