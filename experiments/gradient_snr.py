@@ -21,7 +21,7 @@ import random
 
 import torch
 
-from plain_pg import evaluate, sample  # the sibling script (experiments/ is on sys.path when run)
+from plain_pg import evaluate, forward, sample  # the sibling script (experiments/ is on sys.path when run)
 
 
 def batch_gradient(model, tok, task, problems, *, samples: int, temperature: float, max_new: int) -> torch.Tensor:
@@ -29,14 +29,12 @@ def batch_gradient(model, tok, task, problems, *, samples: int, temperature: flo
     r = torch.tensor([task.score(problems[i], t) for i, _, t in out], dtype=torch.float32).view(len(problems), samples)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1)
     model.zero_grad(set_to_none=True)
-    total, n = 0.0, 0
-    for b, (i, resp, _) in enumerate(out):
-        p = tok.encode(task.format_prompt(problems[i]), add_special_tokens=False)
-        ids = torch.tensor([p + resp])
-        lp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0, :-1]
-        total = total + (lp.gather(-1, ids[0, 1:, None]).squeeze(-1)[len(p) - 1:] * adv[b]).sum()
-        n += len(resp)
-    (-total / max(n, 1)).backward()
+    ids, lp, spans = forward(model, tok, task, problems, out)
+    tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    w = torch.zeros_like(tok_lp)
+    for b, (pl, rl) in enumerate(spans):
+        w[b, pl - 1:pl - 1 + rl] = adv[b]
+    (-(tok_lp * w).sum() / max(sum(rl for _, rl in spans), 1)).backward()
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).clone()
 
 

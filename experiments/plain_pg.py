@@ -64,23 +64,28 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
+def forward(model, tok, task, problems, samples):
+    """One right-padded forward of prompt + response rows: (ids [B, L], log-probs [B, L, V],
+    (prompt length, response length) per row). Row b's response token k is predicted at
+    position prompt_length + k - 1."""
+    pad = tok.pad_token_id or 0
+    rows, spans = [], []
+    for i, resp, _ in samples:
+        p = tok.encode(task.format_prompt(problems[i]), add_special_tokens=False)
+        rows.append(p + resp)
+        spans.append((len(p), len(resp)))
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1), spans
+
+
 @torch.no_grad()
 def token_entropy(model, tok, task, problems, samples) -> float:
     """Mean per-token entropy (nats) of the policy over the sampled responses' positions."""
-    pad = tok.pad_token_id or 0
     total, count = 0.0, 0
     for s in range(0, len(samples), 128):
-        chunk = samples[s:s + 128]
-        rows, spans = [], []
-        for i, resp, _ in chunk:
-            p = tok.encode(task.format_prompt(problems[i]), add_special_tokens=False)
-            rows.append(p + resp)
-            spans.append((len(p), len(resp)))
-        width = max(map(len, rows))
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        lp = torch.log_softmax(logits, -1)
+        ids, lp, spans = forward(model, tok, task, problems, samples[s:s + 128])
         ent = -(lp.exp() * lp).sum(-1)
         for b, (pl, rl) in enumerate(spans):
             if rl:
@@ -148,7 +153,6 @@ def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, cred
         log(f"training {sum(p.numel() for p in params)} parameters matching {trainable!r}")
     opt = (torch.optim.AdamW(params, lr=lr, eps=adam_eps, weight_decay=0.0) if optim == "adam"
            else torch.optim.SGD(params, lr=lr))
-    pad = tok.pad_token_id or 0
     history = []
     for step in range(1, steps + 1):
         batch = rng.sample(problems, r.prompts_per_batch)
@@ -162,15 +166,7 @@ def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, cred
         else:
             adv = ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-6)).view(-1)
         model.train()
-        rows, spans = [], []
-        for i, resp, _ in samples:
-            p = tok.encode(task.format_prompt(batch[i]), add_special_tokens=False)
-            rows.append(p + resp)
-            spans.append((len(p), len(resp)))
-        width = max(map(len, rows))
-        ids = torch.tensor([x + [pad] * (width - len(x)) for x in rows])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in rows])
-        lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        ids, lp, spans = forward(model, tok, task, batch, samples)
         tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
         w = torch.zeros_like(tok_lp)
         for b, (pl, rl) in enumerate(spans):
