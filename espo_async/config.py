@@ -142,6 +142,13 @@ class AlgoConfig(_Section):
         "credit comes from a critic that already knows the policy's values (verl: critic_warmup). 0: off. "
         "Ignored without a critic (GRPO).",
     )
+    adam_eps: float = Field(
+        1e-8,
+        gt=0,
+        description="AdamW's epsilon (policy and critic). Far below a parameter's gradient RMS, Adam rescales a "
+        "noise-dominated gradient to a full ~lr step; near it, parameters with small gradients move in proportion "
+        "(docs/results.notes.md: positive-only fine-tuning collapsed at 1e-8 and learned at 1e-3).",
+    )
     lr_warmup_steps: int = Field(
         0,
         ge=0,
