@@ -28,7 +28,7 @@ import numpy as np
 import zmq
 
 import protocols as P
-from actors.ids import tag_ok
+from actors.ids import problem_id_of, tag_ok
 from actors.reward import TaskReward
 from actors.stopper import params_from_snapshot
 from actors.tppo import WindowLearning
@@ -308,7 +308,8 @@ class Learner(Actor):
             "policy_version": rnd.request.policy_version,
             "accuracy": sum(rnd.scores.values()) / max(n, 1),
             "accuracy_se": se,  # over problems (espo_async/eval_stats.py)
-            "per_problem": per_problem_means(rnd.scores),
+            # keyed by the problem (prompt ids are e<round>/<problem>), so rounds pair up
+            "per_problem": per_problem_means((problem_id_of(pid), s) for (pid, _), s in rnd.scores.items()),
             "n": n,
             "problems": rnd.request.n_problems,
             "samples": rnd.request.samples,
