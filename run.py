@@ -41,7 +41,14 @@ def summarize(run_dir: Path, *, learner_here: bool = True) -> str:
         summary = json.loads(summary_file.read_text())
         for key, label in (("eval_before", "held-out accuracy before"), ("eval_after", "held-out accuracy after")):
             if key in summary:
-                lines.append(f"{label}: {summary[key]['accuracy']:.3f} ({summary[key]['n']} samples)")
+                e = summary[key]
+                se = e.get("accuracy_se")
+                err = f" +- {se:.3f} (standard error over {e.get('problems')} problems)" if se is not None else ""
+                lines.append(f"{label}: {e['accuracy']:.3f}{err}, {e['n']} samples")
+        if "eval_gain" in summary:
+            g = summary["eval_gain"]
+            lines.append(f"held-out accuracy gain: {g['accuracy']:+.3f} +- {g['se']:.3f} "
+                         f"(paired standard error over {g['problems']} problems)")
         lines.append(f"final model: {summary.get('final_checkpoint')}")
     if rows:
         total_generated = sum(r.get("tokens_generated", 0) for r in rows)
@@ -163,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             from espo_async.runtime.transport import joined_addresses
 
             addresses = joined_addresses(joined["addresses"], str(run_dir))
-            supervisor = Supervisor(cfg, run_dir, addresses=addresses, joining=True)
+            key = joined.get("run_key")  # the head's key for work tags (a coordinator or learner here needs it)
+            supervisor = Supervisor(cfg, run_dir, addresses=addresses, joining=True,
+                                    run_key=bytes.fromhex(key) if key else None)
         else:
             supervisor = Supervisor(cfg, run_dir)
     except (ConfigError, ValueError) as exc:

@@ -36,21 +36,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
 import zmq
 
 import protocols as P
-from espo_async.ids import eval_prompt_id, prompt_id, request_id
 from espo_async.assets import load_assets
+from espo_async.ids import eval_prompt_id, group_of, prompt_id, request_id, work_tag
 from espo_async.runtime.actor import Actor
+from espo_async.runtime.entry import actor_instances
+from espo_async.runtime.keys import run_key
 from espo_async.tasks.registry import make_task
-from protocols.messages import ActorDown, Received
+from protocols.messages import ActorDown, ActorUp, Received
 
 MAX_CREDITS = 4096  # per sampler: a peer cannot claim more slots than this
 MAX_DELIVERED = 100_000  # delivered-but-unacknowledged requests remembered (acks lost: bounded)
@@ -61,6 +65,7 @@ class Outstanding:
     work: P.PromptWork
     sampler: bytes
     delivered: bool = False  # the sampler reported it sent the trajectory; not yet acknowledged
+    issued_at: float = field(default_factory=time.time)  # unix time it was sent
 
 
 class Coordinator(Actor):
@@ -98,6 +103,23 @@ class Coordinator(Actor):
         self.sessions: dict[bytes, str] = {}
         self.asked: dict[bytes, float] = {}  # asked for their free slots (when), no answer yet
         self.delivered = 0
+        # The samplers this host's supervisor starts and watches (it says ActorDown when one is lost).
+        self.watched = {name.encode() for name, role, _ in actor_instances(self.cfg, local=True) if role == "sampler"}
+        self.key = run_key(self.run_dir)  # work tags: the learner takes only work issued here
+        # What a restarted coordinator must not forget (docs/reliability.md, "coordinator state"):
+        # every started group not yet wholly acknowledged, with the samples that were, and the
+        # evaluation rounds likewise; written atomically to coordinator/state.json.
+        self.draws = 0  # problems drawn from the dataset order so far (the cursor)
+        self.open: dict[int, OpenGroup] = {}
+        self.eval_open: dict[int, OpenRound] = {}
+        self.state_path = self.run_dir / "coordinator" / "state.json"
+        self.state_dirty = False
+        self.learner_epoch_before: str | None = None  # the learner this state was written under
+        self.restored = self._restore()
+        self.last_progress = time.monotonic()  # a learner step, an eval result or an acknowledgement
+        self.last_step = -1
+        self.stalls = 0  # stall periods in a row without progress
+        self.down: dict[str, int] = {}  # actors of this host the supervisor says are down (incarnation)
 
     def heartbeat_counters(self) -> dict[str, float]:
         out = super().heartbeat_counters()
@@ -109,11 +131,19 @@ class Coordinator(Actor):
         out["unacknowledged"] = float(self.delivered)
         out["samplers_with_credit"] = float(sum(1 for c in self.credits.values() if c > 0))
         out["samplers_remote_alive"] = float(len(self.alive))
+        out["open_groups"] = float(len(self.open))
+        out["open_eval_rounds"] = float(len(self.eval_open))
         owned: dict[bytes, int] = {}
+        oldest: dict[bytes, int] = {}
         for o in self.outstanding.values():  # per sampler: work it holds (in flight or unacknowledged)
             owned[o.sampler] = owned.get(o.sampler, 0) + 1
+            g = group_of(o.work.prompt_id) if not o.delivered else None
+            if g is not None:  # and the oldest group it is still generating for
+                oldest[o.sampler] = min(oldest.get(o.sampler, g), g)
         for ident, n in owned.items():
             out[f"owned.{ident.decode(errors='replace')[:100]}"] = float(n)
+        for ident, g in oldest.items():
+            out[f"oldest_group.{ident.decode(errors='replace')[:100]}"] = float(g)
         return out
 
     async def main(self) -> None:
@@ -127,7 +157,66 @@ class Coordinator(Actor):
             self.order = list(range(len(self.problems)))
             self.rng.shuffle(self.order)
             self.epoch += 1
-        return self.problems[self.order.pop()]
+        self.draws += 1
+        self.last_index = self.order.pop()
+        return self.problems[self.last_index]
+
+    def _seek(self, draws: int) -> None:
+        """Put the dataset cursor where it was after ``draws`` draws (same seed: same order)."""
+        self.rng = random.Random(self.cfg.run.seed)
+        self.order, self.epoch, self.draws = [], 0, 0
+        for _ in range(draws):
+            self._next_problem()
+
+    # -- persistent state ----------------------------------------------------------------------
+
+    def _save_state(self) -> None:
+        """coordinator/state.json, atomically (a kill leaves the old or the new file, never half)."""
+        state = {
+            "groups_started": self.groups_started,
+            "draws": self.draws,
+            "open": {str(g): [o.problem, sorted(o.acked)] for g, o in self.open.items()},
+            "eval": {str(r): [_fields(o.request), sorted(o.acked)] for r, o in self.eval_open.items()},
+            "learner_epoch": self.learner_epoch or self.learner_epoch_before,  # not heard yet: the one before
+        }
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.state_path)
+        self.state_dirty = False
+
+    def _restore(self) -> bool:
+        """A restarted coordinator: every group it started and the learner has not wholly
+        acknowledged is issued again (the samples not acknowledged, next attempt), and so are
+        unfinished evaluation rounds; the cursor continues where it was."""
+        try:
+            state = json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError) as exc:
+            self.log.error("cannot read %s (%s): starting without it", self.state_path, exc)
+            return False
+        self._seek(int(state["draws"]))
+        self.groups_started = int(state["groups_started"])
+        self.learner_epoch_before = state.get("learner_epoch")
+        lost = 0
+        for g, (problem, acked) in sorted(state["open"].items(), key=lambda kv: int(kv[0])):
+            group = OpenGroup(int(problem), set(acked))
+            self.open[int(g)] = group
+            work = self._group_work(int(g), self.problems[group.problem], attempt=1)
+            for w in work:
+                if w.sample_index not in group.acked:
+                    self.queue.append(w)
+                    lost += 1
+        for r, (fields, acked) in sorted(state["eval"].items(), key=lambda kv: int(kv[0])):
+            req = P.EvalRequest(**fields)
+            self.eval_rounds.add(req.round)
+            self._start_eval(req, acked=set(acked))
+        self.counters["restored_requests"] = lost
+        self.log.warning("restored from %s: %d group(s) unfinished (%d samples issued again), %d evaluation round(s); "
+                         "continuing at group %d", self.state_path, len(self.open), lost, len(self.eval_open),
+                         self.groups_started)
+        return True
 
     def _prompt_ids(self, problem) -> np.ndarray:
         ids = self.prompt_cache.get(problem.id)
@@ -151,26 +240,42 @@ class Coordinator(Actor):
         return self.groups_started < self.groups_consumed + ahead * p
 
     def _start_group(self) -> None:
-        problem = self._next_problem()
         r = self.cfg.rollout
+        for _ in range(1000):  # a problem whose prompt is over rollout.max_prompt_tokens is skipped
+            problem = self._next_problem()
+            prompt_ids = self._prompt_ids(problem)
+            if len(prompt_ids) <= r.max_prompt_tokens:
+                break
+            self.counters["prompts_too_long"] += 1
+            self.log.warning("skipped problem %r: %d prompt tokens > rollout.max_prompt_tokens %d",
+                             str(problem.id)[:200], len(prompt_ids), r.max_prompt_tokens)
+        else:
+            raise RuntimeError("1000 training problems in a row are over rollout.max_prompt_tokens")
         group = self.groups_started
         self.groups_started += 1
-        prompt_ids = self._prompt_ids(problem)
+        self.open[group] = OpenGroup(self.last_index)
+        self.queue.extend(self._group_work(group, problem))
+        self._save_state()  # before any of its work leaves: a restart knows the group
+
+    def _group_work(self, group: int, problem, attempt: int = 0) -> list[P.PromptWork]:
+        r = self.cfg.rollout
         pid = prompt_id(group, problem.id)
-        for i in range(r.samples_per_prompt):
-            self.queue.append(
-                P.PromptWork(
-                    request_id=request_id(pid, i),
-                    prompt_id=pid,
-                    sample_index=i,
-                    group_size=r.samples_per_prompt,
-                    prompt_token_ids=prompt_ids,
-                    max_tokens=r.max_tokens,
-                    temperature=r.temperature,
-                    top_p=r.top_p,
-                    issued_at_version=self.learner_version,
-                )
+        prompt_ids = self._prompt_ids(problem)
+        return [
+            P.PromptWork(
+                request_id=request_id(pid, i),
+                prompt_id=pid,
+                sample_index=i,
+                group_size=r.samples_per_prompt,
+                prompt_token_ids=prompt_ids,
+                max_tokens=r.max_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                issued_at_version=self.learner_version,
+                attempt=attempt,
             )
+            for i in range(r.samples_per_prompt)
+        ]
 
     # -- dispatch ----------------------------------------------------------------------------
 
@@ -183,6 +288,8 @@ class Coordinator(Actor):
             if self.priority:
                 work = self.priority.popleft()
             else:
+                if self.learner_epoch is None:  # restored work waits for the learner too
+                    return
                 if not self.queue:
                     if not self.may_start_group():
                         return
@@ -191,6 +298,7 @@ class Coordinator(Actor):
             if work.purpose == "train" and work.issued_at_version != self.learner_version:
                 # The version at issue time, also for re-issues and after the learner went back.
                 work = _with_version(work, self.learner_version)
+            work = self._tagged(work)
             if not self.transport.send_to(self.work_sock, sampler, work):
                 # The sampler is gone (or not yet back): its credit is void, the work goes back.
                 self.credits.pop(sampler, None)
@@ -200,6 +308,13 @@ class Coordinator(Actor):
             self.credits[sampler] -= 1
             self.outstanding[work.request_id] = Outstanding(work, sampler)
             self.counters["work_sent"] += 1
+
+    def _tagged(self, work: P.PromptWork) -> P.PromptWork:
+        """The work with this run's tag for its identity and attempt (espo_async/ids.py work_tag)."""
+        tag = work_tag(self.key, request_id=work.request_id, prompt_id=work.prompt_id, sample_index=work.sample_index,
+                       group_size=work.group_size, attempt=work.attempt, purpose=work.purpose,
+                       prompt_token_ids=work.prompt_token_ids)
+        return work if tag == work.tag else msgspec.structs.replace(work, tag=tag)
 
     def _requeue(self, work: P.PromptWork) -> None:
         (self.queue if work.purpose == "train" else self.priority).appendleft(work)
@@ -268,10 +383,17 @@ class Coordinator(Actor):
             self.sessions.pop(ident, None)  # unroutable: ask on its next request
 
     async def _liveness_loop(self) -> None:
-        """Samplers on other hosts that were silent for transport.heartbeat_timeout_s are lost."""
+        """Peers on the work socket (samplers here or on other hosts, or anyone else who asked for
+        work) that were silent for transport.heartbeat_timeout_s are lost; the state file is
+        written when acknowledgements changed it; a stall is reported (and recovered from)."""
         tcfg = self.cfg.transport
         while True:
             await asyncio.sleep(min(tcfg.heartbeat_interval_s, tcfg.heartbeat_timeout_s / 4))  # periodic check
+            if self.state_dirty:
+                with self.guard("state"):
+                    self._save_state()
+            with self.guard("stall check"):
+                self._check_stall()
             now = time.monotonic()
             for ident in [i for i, t in self.alive.items() if now - t > tcfg.heartbeat_timeout_s]:
                 silent = now - self.alive.pop(ident)
@@ -285,13 +407,109 @@ class Coordinator(Actor):
                     self._lose_sampler(ident, f"{name} was silent for {silent:.1f}s")
             self._dispatch()
 
+    # -- stalls ------------------------------------------------------------------------------
+
+    def _waiting_for(self) -> dict:
+        """What the run waits for: every open group's and evaluation round's samples the learner
+        does not hold, each with where it is (issued to whom and when, queued, or nowhere)."""
+        queued = {w.request_id: w for w in (*self.priority, *self.queue)}
+
+        def where(rid: str) -> dict:
+            out = self.outstanding.get(rid)
+            if out is not None:
+                return {"request_id": rid, "state": "delivered" if out.delivered else "issued",
+                        "to": out.sampler.decode(errors="replace")[:100], "attempt": out.work.attempt,
+                        "issued_at": round(out.issued_at, 3), "issued_s_ago": round(time.time() - out.issued_at, 1)}
+            if rid in queued:
+                return {"request_id": rid, "state": "queued", "attempt": queued[rid].attempt}
+            return {"request_id": rid, "state": "nowhere"}
+
+        groups = []
+        for g, group in sorted(self.open.items()):
+            pid = prompt_id(g, self.problems[group.problem].id)
+            missing = [where(request_id(pid, i)) for i in range(self.cfg.rollout.samples_per_prompt)
+                       if i not in group.acked]
+            groups.append({"group": g, "prompt_id": pid, "held": sorted(group.acked), "missing": missing})
+        rounds = [{"round": r, "held": len(o.acked), "expected": len(o.expected),
+                   "missing": [where(rid) for rid in sorted(o.expected - o.acked)][:100]}
+                  for r, o in sorted(self.eval_open.items())]
+        return {"groups": groups, "eval_rounds": rounds}
+
+    def _check_stall(self) -> None:
+        """No learner step, no acknowledgement (hence no evaluation result) for run.stall_timeout_s
+        while groups or rounds are unfinished: say what the run waits for (console via the
+        supervisor, RUN/stall.json, RUN/stalls.jsonl), and issue every missing sample again; after
+        run.stall_reissues such recoveries in a row without progress, give up (the supervisor ends
+        the run with exit code 1 naming what was missing)."""
+        limit = self.cfg.run.stall_timeout_s
+        now = time.monotonic()
+        if self.counters["stall_gave_up"]:
+            return  # said once; the supervisor ends the run
+        if not limit or self.learner_epoch is None or not (self.open or self.eval_open) or self.down:
+            # Nothing unfinished that is ours (the learner trains, or the run is over), or an actor
+            # is down and being restarted: not a stall (the clock starts again afterwards).
+            self._progress()
+            return
+        idle = now - self.last_progress
+        if idle <= limit:
+            return
+        self.stalls += 1
+        waiting = self._waiting_for()
+        give_up = self.stalls > self.cfg.run.stall_reissues
+        missing = [m for g in waiting["groups"] for m in g["missing"]] + [m for r in waiting["eval_rounds"]
+                                                                          for m in r["missing"]]
+        report = {
+            "time": time.time(), "stalled_for_s": round(idle, 1), "learner_step": self.last_step,
+            "stall": self.stalls, "action": "giving up" if give_up else "issuing the missing samples again",
+            "config": {"run.stall_timeout_s": limit, "run.stall_reissues": self.cfg.run.stall_reissues},
+            **waiting,
+        }
+        line = json.dumps(report)
+        path = self.run_dir / "stall.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, path)
+        with (self.run_dir / "stalls.jsonl").open("a") as f:
+            f.write(line + "\n")
+        summary = ", ".join(f"{m['request_id']} ({m['state']}" + (f" to {m['to']} {m['issued_s_ago']}s ago" if "to" in m
+                                                                  else "") + ")" for m in missing[:10])
+        self.log.error("stalled: no learner step and no acknowledgement for %.0fs (run.stall_timeout_s=%g); waiting "
+                       "for %d sample(s): %s%s; %s", idle, limit, len(missing), summary,
+                       " ..." if len(missing) > 10 else "", report["action"])
+        self.counters["stalls"] += 1
+        if give_up:
+            self.counters["stall_gave_up"] = 1
+            return
+        # Recover: every missing sample is issued again, wherever it is (owner dead, stuck or a stranger).
+        ids = {m["request_id"] for m in missing}
+        self._reissue(lambda o: o.work.request_id in ids, "stalled")
+        queued = {w.request_id for w in (*self.priority, *self.queue)}
+        for g, group in self.open.items():
+            for w in self._group_work(g, self.problems[group.problem], attempt=self.stalls + 1):
+                if w.request_id in ids and w.request_id not in queued:
+                    self.queue.appendleft(w)
+        for r, rnd in self.eval_open.items():
+            if any(rid not in queued for rid in rnd.expected - rnd.acked):
+                self.priority = deque(w for w in self.priority if not w.prompt_id.startswith(f"e{r}/"))
+                self._start_eval(rnd.request, acked=set(rnd.acked))
+        self.counters["stall_reissued"] += len(ids)
+        self.last_progress = time.monotonic()  # the next period starts now; self.stalls goes on counting
+        self._dispatch()
+
+    def _progress(self) -> None:
+        self.last_progress = time.monotonic()
+        self.stalls = 0
+
     async def _work_loop(self) -> None:
         while True:
             ident, msg = await self.transport.recv_routed(self.work_sock, "samplers")
             with self.guard(type(msg).__name__):
-                if msg is not None and (ident in self.alive or (
-                        isinstance(msg, P.WorkRequest) and "#" in msg.sampler_id)):
-                    self.alive[ident] = time.monotonic()  # a sampler on another host is alive
+                if msg is not None and ident not in self.watched:
+                    # Any peer that this host's supervisor does not watch (a sampler on another
+                    # host, or a stranger) must keep saying it is alive (remote samplers send a
+                    # 0-slot request every heartbeat interval); one silent for
+                    # transport.heartbeat_timeout_s is lost and its work issued again.
+                    self.alive[ident] = time.monotonic()
                 if isinstance(msg, P.WorkRequest):
                     slots = self._remote_request(ident, msg) if "#" in msg.sampler_id else msg.free_slots
                     credit = self.credits.get(ident, 0) + (slots or 0)
@@ -350,8 +568,36 @@ class Coordinator(Actor):
                 self.delivered -= out.delivered
                 self.counters["acknowledged"] += 1
             self.recently_acked[rid] = None
+            self._close(rid)
         while len(self.recently_acked) > 20_000:
             self.recently_acked.popitem(last=False)
+
+    def _close(self, rid: str) -> None:
+        """An acknowledged sample of an open group or evaluation round (even one issued by this
+        coordinator's previous process): a wholly acknowledged group is finished for good."""
+        pid, _, sample = rid.rpartition("#")
+        if not sample.isascii() or not sample.isdigit() or len(sample) > 9:
+            return
+        g = group_of(pid)
+        if g is not None and g in self.open:
+            group = self.open[g]
+            if int(sample) not in group.acked and int(sample) < self.cfg.rollout.samples_per_prompt:
+                group.acked.add(int(sample))
+                self.state_dirty = True
+                self._progress()
+                if len(group.acked) == self.cfg.rollout.samples_per_prompt:
+                    del self.open[g]
+            return
+        head = pid.partition("/")[0]
+        digits = head[1:]
+        if head[:1] == "e" and 0 < len(digits) <= 18 and digits.isascii() and digits.isdigit():
+            rnd = self.eval_open.get(int(digits))
+            if rnd is not None and rid in rnd.expected and rid not in rnd.acked:
+                rnd.acked.add(rid)
+                self.state_dirty = True
+                self._progress()
+                if len(rnd.acked) == len(rnd.expected):
+                    del self.eval_open[int(digits)]
 
     def on_boundary(self, msg: P.BatchBoundary) -> None:
         total_groups = self.cfg.run.total_steps * self.cfg.rollout.prompts_per_batch
@@ -361,8 +607,17 @@ class Coordinator(Actor):
             self.log.warning("ignored an implausible batch boundary: step %d, version %d, %d groups consumed",
                              msg.step, msg.policy_version, msg.groups_consumed)
             return
+        if msg.step != self.last_step:
+            self.last_step = msg.step
+            self._progress()
+        if self.learner_epoch is None and self.restored and msg.epoch != self.learner_epoch_before:
+            # Restored state from before a learner restart we did not see: its eval rounds are void.
+            self.eval_rounds.clear()
+            self.eval_open.clear()
+            self.priority = deque(w for w in self.priority if w.purpose != "eval")
         if self.learner_epoch is None:
             self.learner_epoch = msg.epoch
+            self.state_dirty = True
             self.learner_version = msg.policy_version
             self.groups_consumed = msg.groups_consumed
             self.log.info("learner at step %d, version %d, %d groups consumed", msg.step, msg.policy_version,
@@ -381,11 +636,14 @@ class Coordinator(Actor):
             self._reissue(lambda o: o.delivered and o.work.purpose == "train", "the learner restarted")
             # Its evaluation rounds start over: the new learner asks again for what it needs.
             self.eval_rounds.clear()
+            self.eval_open.clear()
+            self.state_dirty = True
             self.priority = deque(w for w in self.priority if w.purpose != "eval")
         elif msg.policy_version >= self.learner_version:
             self.learner_version = msg.policy_version
             self.groups_consumed = max(self.groups_consumed, msg.groups_consumed)
         if self.groups_started < self.groups_consumed:
+            # No state of ours says what was started (a run folder from before coordinator/state.json).
             self._fast_forward(self.groups_consumed)
 
     def _fast_forward(self, groups: int) -> None:
@@ -397,6 +655,11 @@ class Coordinator(Actor):
         self.groups_started = groups
 
     async def on_control(self, msg: P.Message) -> None:
+        # While an actor of this host is down (restarting), a quiet run is not a stall.
+        if isinstance(msg, ActorDown):
+            self.down[msg.actor] = msg.incarnation
+        elif isinstance(msg, ActorUp) and self.down.get(msg.actor, -1) < msg.incarnation:
+            self.down.pop(msg.actor, None)
         if isinstance(msg, ActorDown) and msg.role == "sampler":
             key = (msg.actor, msg.incarnation)
             if key in self.losses_seen:
@@ -423,18 +686,23 @@ class Coordinator(Actor):
                 elif isinstance(msg, P.Shutdown):
                     self.on_shutdown(msg)
 
-    def _start_eval(self, req: P.EvalRequest) -> None:
-        """Queue one evaluation round: the first n held-out problems, ``samples`` each."""
+    def _start_eval(self, req: P.EvalRequest, acked: set[str] | None = None) -> None:
+        """Queue one evaluation round: the first n held-out problems, ``samples`` each (those not
+        in ``acked``: a restored round)."""
         if not (1 <= req.samples <= 1024 and req.max_tokens >= 1 and 0 <= req.temperature < float("inf")):
             self.counters["eval_requests_rejected"] += 1
             self.log.warning("ignored an evaluation request with samples=%d, max_tokens=%d, temperature=%r",
                              req.samples, req.max_tokens, req.temperature)
             return
         problems = self.task.eval_problems()[: req.n_problems]
+        rnd = self.eval_open[req.round] = OpenRound(req, set(acked or ()))
         for problem in problems:
             pid = eval_prompt_id(req.round, problem.id)
             ids = self._prompt_ids(problem)
             for i in range(req.samples):
+                rnd.expected.add(request_id(pid, i))
+                if request_id(pid, i) in rnd.acked:
+                    continue
                 self.priority.append(
                     P.PromptWork(
                         request_id=request_id(pid, i),
@@ -447,10 +715,34 @@ class Coordinator(Actor):
                         top_p=1.0,
                         issued_at_version=req.policy_version,
                         purpose="eval",
+                        attempt=1 if acked is not None else 0,
                     )
                 )
+        if acked is None:
+            self._save_state()
         self.counters["eval_rounds"] += 1
         self.log.info("evaluation round %d: %d problems x %d at version %d", req.round, len(problems), req.samples, req.policy_version)
+
+
+@dataclass
+class OpenGroup:
+    """A started group not yet wholly acknowledged by the learner."""
+
+    problem: int  # index into the task's training problems
+    acked: set[int] = field(default_factory=set)  # sample indices the learner holds
+
+
+@dataclass
+class OpenRound:
+    """An evaluation round not yet wholly acknowledged."""
+
+    request: P.EvalRequest
+    acked: set[str] = field(default_factory=set)  # request ids the learner holds
+    expected: set[str] = field(default_factory=set)
+
+
+def _fields(msg: P.Message) -> dict:
+    return {f: getattr(msg, f) for f in msg.__struct_fields__}
 
 
 def _with_attempt(work: P.PromptWork, attempt: int) -> P.PromptWork:

@@ -30,7 +30,10 @@ import zmq
 import protocols as P
 from espo_async.assets import load_assets
 from espo_async.core.regret import surrogate_regret
+from espo_async.eval_stats import accuracy_se, paired_difference, per_problem_means
+from espo_async.ids import problem_id_of, tag_ok
 from espo_async.runtime.actor import Actor
+from espo_async.runtime.keys import run_key
 from espo_async.runtime.metrics import MetricsWriter
 from espo_async.runtime.trajectory_log import TrajectoryLog, replay
 from espo_async.stop_state import make_stop_controller, params_from_snapshot
@@ -98,6 +101,7 @@ class Learner(Actor):
         self.trainer_lock = threading.Lock()
         self.publisher = make_publisher(self.cfg, self.run_dir)  # the weight transfer (espo_async/weights/)
         self.ckpt_dir = self.run_dir / "checkpoint"
+        self.key = run_key(self.run_dir)  # work tags: only work the coordinator issued is taken
         # T-PPO windows: rows are segments of rollouts (espo_async/training/windows.py, espo_async/training/tppo.py)
         self.windows = WindowLearning(self) if self.cfg.rollout.window_tokens > 0 else None
         # This process's id on the broadcast: peers see a restart (the version may go back).
@@ -141,6 +145,8 @@ class Learner(Actor):
             if key in self.last_metrics:
                 out[key] = float(self.last_metrics[key])
         out["buffered_groups"] = float(len(self.groups))
+        out["eval_pending"] = float(sum(not r.done.is_set() for r in self.evals.values()))
+        out["eval_scored"] = float(sum(len(r.scores) for r in self.evals.values()))
         return out
 
     # -- resume ------------------------------------------------------------------------------
@@ -268,10 +274,14 @@ class Learner(Actor):
 
     def _accept_eval(self, traj: P.Trajectory) -> None:
         head = traj.prompt_id.partition("/")[0]
-        rnd = self.evals.get(int(head[1:])) if head[1:].isdigit() else None
+        digits = head[1:]  # ASCII digits only, and few: int() of "e²" or of 5,000 digits raises
+        rnd = self.evals.get(int(digits)) if 0 < len(digits) <= 18 and digits.isascii() and digits.isdigit() else None
         key = (traj.prompt_id, traj.sample_index)
-        if rnd is None or key in rnd.scores:
+        if rnd is None:
             self.counters["eval_unexpected"] += 1
+            return
+        if key in rnd.scores:  # issued again (a restarted coordinator, a stall): scored once
+            self.counters["eval_duplicates"] += 1
             return
         rnd.scores[key] = score = self.reward(traj.prompt_id, traj.text)
         with (self.run_dir / "eval_samples.jsonl").open("a") as f:
@@ -291,11 +301,15 @@ class Learner(Actor):
 
     def _eval_result(self, rnd: EvalRound) -> dict:
         n = len(rnd.scores)
+        _, se = accuracy_se(rnd.scores)
         return {
             "round": rnd.request.round,
             "step": rnd.request.round,
             "policy_version": rnd.request.policy_version,
             "accuracy": sum(rnd.scores.values()) / max(n, 1),
+            "accuracy_se": se,  # over problems (espo_async/eval_stats.py)
+            # keyed by the problem (prompt ids are e<round>/<problem>), so rounds pair up
+            "per_problem": per_problem_means((problem_id_of(pid), s) for (pid, _), s in rnd.scores.items()),
             "n": n,
             "problems": rnd.request.n_problems,
             "samples": rnd.request.samples,
@@ -323,15 +337,29 @@ class Learner(Actor):
                 self.counters["unexpected_messages"] += 1
 
     def _invalid(self, traj: P.Trajectory) -> str | None:
-        """Why a decodable trajectory cannot be trained on (it must never reach the log)."""
+        """Why a decodable trajectory cannot be taken (it must never reach the log): its tag does
+        not prove that this run's coordinator issued its work, or it is impossible to train on."""
+        r = self.cfg.rollout
+        prompt_len = len(traj.prompt_token_ids) - traj.offset  # a T-PPO segment's prefix holds response tokens
+        if prompt_len > r.max_prompt_tokens:
+            return f"{prompt_len} prompt tokens > rollout.max_prompt_tokens {r.max_prompt_tokens}"
+        if len(traj.token_ids) > r.max_tokens:  # every purpose: evaluation asks for rollout.max_tokens too
+            return f"{len(traj.token_ids)} tokens > rollout.max_tokens {r.max_tokens}"
+        shadow = traj.purpose == "shadow"  # a stopped training rollout's continuation: its work's tag
+        rid = traj.request_id.removesuffix("~shadow") if shadow else traj.request_id
+        if (shadow and rid == traj.request_id) or not tag_ok(
+            self.key, traj.tag, request_id=rid, prompt_id=traj.prompt_id, sample_index=traj.sample_index,
+            group_size=traj.group_size, attempt=traj.attempt, purpose="train" if shadow else traj.purpose,
+            prompt_token_ids=traj.prompt_token_ids[:prompt_len],
+        ):
+            self.counters["unissued_trajectories"] += 1
+            return "not work this run's coordinator issued (its tag does not match)"
         if traj.purpose != "train":
             return None
         if not 0 <= traj.sample_index < traj.group_size:
             return f"sample_index {traj.sample_index} not in [0, {traj.group_size})"
         if traj.group_size != self.cfg.rollout.samples_per_prompt:
             return f"group_size {traj.group_size} != rollout.samples_per_prompt {self.cfg.rollout.samples_per_prompt}"
-        if len(traj.token_ids) > self.cfg.rollout.max_tokens:
-            return f"{len(traj.token_ids)} tokens > rollout.max_tokens {self.cfg.rollout.max_tokens}"
         vocab = self.trainer.vocab_size
         for name in ("token_ids", "prompt_token_ids"):
             ids = getattr(traj, name)
@@ -352,8 +380,8 @@ class Learner(Actor):
             self.transport.try_send(self.pub, msg)
         if self.last_boundary is not None:
             self.transport.try_send(self.pub, self.last_boundary)
-        for rnd in self.evals.values():  # until the coordinator has surely seen it
-            if not rnd.done.is_set() and not rnd.scores:
+        for rnd in self.evals.values():  # until its result is in: a restarted coordinator must hear it again
+            if not rnd.done.is_set():
                 self.transport.try_send(self.pub, rnd.request)
 
     # -- training ----------------------------------------------------------------------------
@@ -443,12 +471,22 @@ class Learner(Actor):
         metrics["train_seconds"] = train_seconds
         metrics["step_end_time"] = step_end_time  # weight-sync latency is measured from here
         self._close_batch(batch, metrics)
+        self._record_trained(step, batch)
         self.metrics.write(step, metrics)  # on disk before anyone hears that the step ended
         self._announce()
         self.last_metrics = metrics
         every = self.cfg.run.checkpoint_every
         if every and step % every == 0 and step < self.cfg.run.total_steps:
             await asyncio.to_thread(self._save_checkpoint)
+
+    def _record_trained(self, step: int, batch: list[P.Trajectory]) -> None:
+        """RUN/trained.jsonl: per step, the (prompt id, sample index, attempt) of every row trained
+        on (T-PPO: and the segment's offset). A restarted learner trains the steps after its
+        checkpoint again: the last line of a step is the one that counts."""
+        rows = [[t.prompt_id, t.sample_index, t.attempt] + ([t.offset] if self.windows is not None else [])
+                for t in batch]
+        with (self.run_dir / "trained.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "epoch": self.epoch, "time": time.time(), "samples": rows}) + "\n")
 
     def _locked(self, fn):
         def call(*args, **kwargs):
@@ -559,8 +597,11 @@ class Learner(Actor):
             "evaluations": [self._eval_result(self.evals[r]) for r in rounds if self.evals[r].done.is_set()],
         }
         if summary["evaluations"]:
-            summary["eval_before"] = summary["evaluations"][0]
-            summary["eval_after"] = summary["evaluations"][-1]
+            summary["eval_before"] = first = summary["evaluations"][0]
+            summary["eval_after"] = last = summary["evaluations"][-1]
+            if len(summary["evaluations"]) > 1:
+                d, d_se, n_problems = paired_difference(first["per_problem"], last["per_problem"])
+                summary["eval_gain"] = {"accuracy": d, "se": d_se, "problems": n_problems}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
     async def teardown(self) -> None:

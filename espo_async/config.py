@@ -148,6 +148,13 @@ class AlgoConfig(_Section):
         "credit comes from a critic that already knows the policy's values (verl: critic_warmup). 0: off. "
         "Ignored without a critic (GRPO).",
     )
+    adam_eps: float = Field(
+        1e-8,
+        gt=0,
+        description="AdamW's epsilon (policy and critic). Far below a parameter's gradient RMS, Adam rescales a "
+        "noise-dominated gradient to a full ~lr step; near it, parameters with small gradients move in proportion "
+        "(docs/results.notes.md: positive-only fine-tuning collapsed at 1e-8 and learned at 1e-3).",
+    )
     lr_warmup_steps: int = Field(
         0,
         ge=0,
@@ -178,6 +185,11 @@ class RolloutConfig(_Section):
     samples_per_prompt: int = Field(8, ge=1, description="Rollouts per prompt (paper: 8).")
     prompts_per_batch: int = Field(8, ge=1, description="Prompts per training batch; batch = prompts x samples (paper: 64 rollouts).")
     max_tokens: int = Field(256, ge=1, description="T_max: generation limit per rollout (paper: 8192).")
+    max_prompt_tokens: int = Field(
+        32768, ge=1, description="Longest prompt (tokens) a sampler generates for and the learner accepts: a "
+        "frame claiming more is rejected at intake (what one frame may cost). Training problems whose prompt is "
+        "longer are skipped by the coordinator (counted: prompts_too_long).",
+    )
     temperature: float = Field(1.0, ge=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
     staleness: int = Field(
@@ -358,15 +370,28 @@ class CurveConfig(_Section):
     """ZeroMQ CURVE: every socket authenticates its peer and encrypts every frame."""
 
     enabled: bool = Field(False, description="Use CURVE on every socket (required for a non-loopback transport.host).")
+    auto: bool = Field(
+        False,
+        description="The one switch for a shared machine: CURVE on every socket (loopback tcp and ipc too) with keys "
+        "made for this run in RUN/curve (0700, secret keys 0600; kept when the run is resumed); implies enabled. "
+        "With several hosts, RUN/curve must be at the same path on every host (shared storage), or use keys_dir.",
+    )
     keys_dir: str | None = Field(
         None,
         description="Folder made by 'python -m espo_async.runtime.keys gen DIR': server.key(_secret), "
         "client.key(_secret) and authorized/ (client public keys allowed to connect).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _auto(cls, data):
+        if isinstance(data, dict) and data.get("auto") is True:
+            data = {**data, "enabled": True}
+        return data
+
     @model_validator(mode="after")
     def _keys(self) -> CurveConfig:
-        if not self.enabled:
+        if not self.enabled or (self.auto and not self.keys_dir):  # auto: the supervisor makes them
             return self
         if not self.keys_dir:
             raise ValueError("curve.enabled needs curve.keys_dir (make one with: python -m espo_async.runtime.keys gen DIR)")
@@ -502,6 +527,21 @@ class RunConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every this many steps (0: at the end only).")
     tensorboard: bool = Field(True, description="Write TensorBoard event files beside metrics.jsonl.")
     progress: bool = Field(True, description="Show a progress bar on the console.")
+    stall_timeout_s: float = Field(
+        1800.0, ge=0, description="A stall: no learner step and no trajectory acknowledged for this long while "
+        "prompt groups or evaluation rounds are unfinished and no actor is down. The coordinator then writes what the run waits for "
+        "(each missing sample: issued to whom and when, queued, or nowhere) to RUN/stall.json and RUN/stalls.jsonl, "
+        "the supervisor shows it on the console, and the missing samples are issued again. Must exceed the longest "
+        "learner step plus the longest rollout. 0: off.",
+    )
+    stall_reissues: int = Field(
+        2, ge=0, description="Recoveries (issuing the missing samples again) from stalls in a row without progress; "
+        "at the next stall the run ends with exit code 1 and a message naming what it waited for.",
+    )
+    counters_every_s: float = Field(
+        30.0, ge=0, description="How often the supervisor appends every actor's counters to RUN/counters.jsonl "
+        "(also once at the end). 0: only at the end.",
+    )
 
 
 class Config(_Section):

@@ -94,6 +94,10 @@ class PromptWork(Message):
     attempt: int = 0  # > 0 when re-issued after a sampler was lost
     issued_at_version: int = 0  # learner version when the coordinator issued it
     purpose: Purpose = "train"
+    # The coordinator's keyed digest of this work's identity (espo_async/ids.py work_tag): the sampler
+    # copies it into the trajectory, and the learner takes only trajectories whose tag proves the
+    # coordinator of this run issued that work (request, sample, attempt, purpose, prompt).
+    tag: bytes = b""
 
     def __post_init__(self) -> None:
         _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
@@ -330,14 +334,15 @@ class Trajectory(Message):
     text: str = ""  # detokenised response (for scoring and inspection)
     purpose: Purpose = "train"
     offset: int = 0  # T-PPO segment: response tokens before token_ids (the tail of prompt_token_ids)
+    tag: bytes = b""  # the work's tag (PromptWork.tag), copied by the sampler
 
     @classmethod
     def answering(cls, work: PromptWork, **fields) -> Trajectory:
-        """A trajectory (or T-PPO segment) of ``work``: its identity, attempt, issue version and
-        purpose copied from the work item; everything else from ``fields``."""
+        """A trajectory (or T-PPO segment) of ``work``: its identity, attempt, issue version,
+        purpose and tag copied from the work item; everything else from ``fields``."""
         return cls(request_id=work.request_id, prompt_id=work.prompt_id, sample_index=work.sample_index,
                    group_size=work.group_size, attempt=work.attempt, issued_at_version=work.issued_at_version,
-                   purpose=work.purpose, **fields)
+                   purpose=work.purpose, tag=work.tag, **fields)
 
     def __post_init__(self) -> None:
         if self.offset < 0 or (self.offset > 0 and (self.ending != "incomplete"

@@ -257,7 +257,9 @@ class Sampler(Actor):
         )
 
     async def _alive_loop(self) -> None:
-        """Remote host: a 0-slot work request every heartbeat interval (the coordinator's liveness)."""
+        """Remote host: a 0-slot work request every heartbeat interval (the coordinator's liveness:
+        it issues again the work of any peer on the work socket that no supervisor of its host
+        watches and that is silent for transport.heartbeat_timeout_s)."""
         while True:
             await asyncio.sleep(self.cfg.transport.heartbeat_interval_s)  # periodic timer
             alive = P.WorkRequest(sampler_id=self.work_id, free_slots=0, policy_version=self.version)
@@ -322,6 +324,8 @@ class Sampler(Actor):
         limit = self.cfg.rollout.max_tokens if work.purpose == "train" else 1 << 20
         if not 0 < work.max_tokens <= limit:
             return f"max_tokens {work.max_tokens} not in [1, {limit}] (rollout.max_tokens for training work)"
+        if len(work.prompt_token_ids) > self.cfg.rollout.max_prompt_tokens:
+            return f"{len(work.prompt_token_ids)} prompt tokens > rollout.max_prompt_tokens {self.cfg.rollout.max_prompt_tokens}"
         if not (0.0 <= work.temperature < float("inf") and 0.0 < work.top_p <= 1.0):
             return f"temperature {work.temperature!r} / top_p {work.top_p!r} out of range"
         return None
@@ -515,6 +519,8 @@ class Sampler(Actor):
             finish_reason=finish,
             tokens_generated=len(tokens),
             issued_at_version=stopped.issued_at_version,
+            attempt=stopped.attempt,
+            tag=stopped.tag,  # the stopped rollout's work tag (the learner checks it against that work)
             started_at=stopped.started_at,
             ended_at=time.time(),
             text=self.engine.decode(tokens),

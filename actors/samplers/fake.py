@@ -23,6 +23,11 @@ top1_logprob           -0.05      log-probability of the mode token
 load_weights_s         0.0        simulated weight-loading time
 crash_after_tokens     0          exit the process after this many tokens in total (0: never)
 hang_after_tokens      0          stop producing tokens (and heartbeats) after this many
+slow_prompts           ""         a prompt id prefix (e.g. "g1/"): rollouts of those prompts are
+                                  generated at slow_tokens_per_s instead (groups finish out of order)
+slow_tokens_per_s      1.0        their speed
+never_finish           ""         a prompt id prefix (e.g. "g3/"): rollouts of those prompts stall
+                                  forever after their first token (the process stays healthy)
 =====================  =========  =============================================================
 """
 
@@ -58,6 +63,9 @@ class FakeEngineOptions(BaseModel):
     load_weights_s: float = Field(0.0, ge=0)
     crash_after_tokens: int = Field(0, ge=0)
     hang_after_tokens: int = Field(0, ge=0)
+    slow_prompts: str = ""
+    slow_tokens_per_s: float = Field(1.0, gt=0)
+    never_finish: str = ""
 
 
 class FakeEngine:
@@ -136,6 +144,8 @@ class FakeEngine:
                     context.get("prompt_id", ""), max_tokens, rng, prompt_token_ids, bool(context.get("shadow"))
                 )
                 delay = o.chunk_tokens / o.tokens_per_s if o.tokens_per_s else 0.0
+                if o.slow_prompts and context.get("prompt_id", "").startswith(o.slow_prompts):
+                    delay = o.chunk_tokens / o.slow_tokens_per_s
                 i = 0
                 while i < len(tokens):
                     if request_id in self.aborted:
@@ -154,6 +164,13 @@ class FakeEngine:
                     reason = None
                     if done:
                         reason = "stop" if tokens[-1] == self.eos else "length"
+                    if o.never_finish and context.get("prompt_id", "").startswith(o.never_finish):
+                        reason = None
+                        yield _chunk(tokens[i:j], regrets[i:j], o.top1_logprob, reason)
+                        while request_id not in self.aborted:  # an unfinishable rollout (stall tests)
+                            await asyncio.sleep(0.05)  # simulated engine that never ends this request
+                        yield _chunk([], [], o.top1_logprob, "abort")
+                        return
                     yield _chunk(tokens[i:j], regrets[i:j], o.top1_logprob, reason)
                     i = j
             finally:

@@ -13,6 +13,7 @@ channel. To admit another client key pair, drop its public ``.key`` file into ``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
@@ -72,6 +73,43 @@ def load(folder: str | os.PathLike) -> CurveKeys:
     if not authorized.is_dir() or not any(authorized.glob("*.key")):
         raise ValueError(f"transport.curve.keys_dir {str(folder)!r}: authorized/ holds no client public key (*.key)")
     return CurveKeys(server_public, server_secret, client_public, client_secret, authorized)
+
+
+RUN_KEY_FILE = "run.key"
+
+
+def run_key(run_dir: str | os.PathLike, *, value: bytes | None = None) -> bytes:
+    """The run's secret for work tags (``espo_async/ids.py`` work_tag): 32 random bytes in
+    ``RUN_DIR/run.key`` (0600), made by whoever needs it first (the supervisor, before any actor
+    starts; an actor started alone by a test). Created with a hard link, so two processes that race
+    agree on one key. ``value``: a key to install (a joining host takes the head's from join.json);
+    an existing different key is an error."""
+    path = Path(run_dir) / RUN_KEY_FILE
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        key = b""
+    if len(key) != 32:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".run.key.")
+        try:
+            os.write(fd, value if value is not None else os.urandom(32))
+            os.close(fd)
+            os.chmod(tmp, 0o600)
+            try:
+                os.link(tmp, path)  # atomic, and never replaces a key another process made
+            except FileExistsError:
+                if len(path.read_bytes()) != 32:  # a torn file (cannot be made by link): replace it
+                    os.replace(tmp, path)
+                    tmp = ""
+        finally:
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        key = path.read_bytes()
+    if value is not None and key != value:
+        raise ValueError(f"{path} holds another run's key than the one given (join.json of another run?)")
+    return key
 
 
 def main(argv: list[str] | None = None) -> int:

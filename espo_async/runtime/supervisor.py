@@ -45,6 +45,7 @@ import zmq
 
 import protocols as P
 from espo_async.config import Config
+from espo_async.runtime import keys
 from espo_async.runtime.entry import actor_instances, validate_actors
 from espo_async.runtime.placement import pin_process
 from espo_async.runtime.transport import Transport, cleanup_ipc, is_local_address, resolve_addresses
@@ -82,7 +83,7 @@ class ActorState:
 class Event:
     """Something that happened to an actor (for logs, tests and RunResult)."""
 
-    kind: str  # "lost" | "restarting" | "up" | "gave_up"
+    kind: str  # "lost" | "restarting" | "up" | "gave_up" | "stalled"
     actor: str
     role: str
     incarnation: int
@@ -118,6 +119,20 @@ def supervisor_cpus(cfg: Config, available: set[int]) -> set[int] | None:
     return rest or None
 
 
+def curve_keys_for_run(cfg: Config, run_dir: Path) -> Config:
+    """``transport.curve.auto``: CURVE keys made for this run in RUN/curve (kept on resume), and
+    the config every actor reads (RUN/config.yaml, join.json) names them."""
+    curve = cfg.transport.curve
+    if not curve.auto or curve.keys_dir:
+        return cfg
+    folder = (run_dir / "curve").resolve()
+    if not (folder / "server.key_secret").is_file():
+        keys.generate(folder, force=True)
+    keys.load(folder)  # unusable (e.g. readable by others): fail now, naming it
+    curve = curve.model_copy(update={"keys_dir": str(folder)})
+    return cfg.model_copy(update={"transport": cfg.transport.model_copy(update={"curve": curve})})
+
+
 class Supervisor:
     def __init__(
         self,
@@ -128,11 +143,12 @@ class Supervisor:
         env: dict[str, str] | None = None,
         progress: bool | None = None,
         joining: bool = False,
+        run_key: bytes | None = None,
     ):
         validate_actors(config)  # fail here, naming the key, not in a child process later
-        self.cfg = config
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = config = curve_keys_for_run(config, self.run_dir)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         tcfg = config.transport
         self.addresses = addresses or resolve_addresses(
@@ -141,6 +157,10 @@ class Supervisor:
         )
         #: This host joins a run another host (the head) started: no join.json, actors rejoin.
         self.joining = joining
+        #: The secret the coordinator's work tags are made with (RUN/run.key; the head's, when joining).
+        self.run_key = keys.run_key(self.run_dir, value=run_key)
+        self._counters_at = 0.0  # when counters.jsonl was last written
+        self._stalls_seen = (0, 0.0)  # (coordinator incarnation, stalls it reported)
         self.env = dict(env or {})
         self.progress = config.run.progress if progress is None else progress
         self.actors: dict[str, ActorState] = {
@@ -193,6 +213,9 @@ class Supervisor:
                 for receiver in receivers:
                     receiver.cancel()
                 await asyncio.gather(*receivers, return_exceptions=True)
+            self._write_counters(final=True)  # the last counters each actor reported
+            self._append("events.jsonl", {"time": time.time(), "kind": "run_ended", "exit_code": exit_code,
+                                          "reason": reason})
             await self._shutdown_all(transport, outbox, reason)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -237,9 +260,12 @@ class Supervisor:
             "addresses": self.addresses,
             "config": self.cfg.model_dump(mode="json", by_alias=True),
             "local_only": all(is_local_address(a) for a in self.addresses.values()),
+            "run_key": self.run_key.hex(),  # work tags (a secret: the file is 0600)
         }
         tmp = self.run_dir / "join.json.tmp"
-        tmp.write_text(json.dumps(data, indent=1))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1))
         os.replace(tmp, self.run_dir / "join.json")
 
     async def _hear_learner(self, transport: Transport, sock) -> None:
@@ -359,9 +385,71 @@ class Supervisor:
         self.changed.set()
 
     def _event(self, kind: str, state: ActorState, detail: str) -> None:
-        self.events.append(Event(kind, state.name, state.role, state.incarnation, detail, time.time()))
+        event = Event(kind, state.name, state.role, state.incarnation, detail, time.time())
+        self.events.append(event)
         self.counters[f"actor_{kind}"] += 1
+        record = {"time": event.time, "kind": kind, "actor": state.name, "role": state.role,
+                  "incarnation": state.incarnation, "detail": detail}
+        if kind == "lost":  # why: hung (no heartbeat, or not ready in time) or died (its exit)
+            record["cause"] = "hung" if detail.startswith("is hung") else "died"
+        self._append("events.jsonl", record)
         self._pulse()
+
+    def _append(self, name: str, record: dict) -> None:
+        """One JSON line in RUN/<name> (the run folder is the record: docs/reliability.md)."""
+        try:
+            with (self.run_dir / name).open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk must not stop supervision
+            self.counters["record_errors"] += 1
+            log.warning("could not write %s: %s", name, exc)
+
+    def _write_counters(self, final: bool = False) -> None:
+        """RUN/counters.jsonl: every actor's last reported counters, and the supervisor's own."""
+        self._counters_at = time.monotonic()
+        self._append("counters.jsonl", {
+            "time": time.time(), "final": final, "supervisor": dict(self.counters),
+            "wire": dict(self.transport.errors) if self.transport is not None else {},
+            "actors": {name: {"status": s.status, "incarnation": s.incarnation, "counters": s.counters}
+                       for name, s in self.actors.items()},
+        })
+
+    def _on_coordinator(self, state: ActorState) -> None:
+        """The coordinator reported a stall (run.stall_timeout_s): show what the run waits for;
+        if it gave up (run.stall_reissues), end the run naming it."""
+        stalls = state.counters.get("stalls", 0.0)
+        seen_incarnation, seen = self._stalls_seen
+        if seen_incarnation != state.incarnation:  # a restarted coordinator counts from 0 again
+            seen = 0.0
+        if not (math.isfinite(stalls) and stalls > seen):
+            return
+        self._stalls_seen = (state.incarnation, stalls)
+        summary = self._stall_summary()
+        log.error("the run is stalled: %s", summary)
+        self._event("stalled", state, summary)
+        if state.counters.get("stall_gave_up", 0.0) > 0:
+            self.stop(1, f"the run stalled and could not recover (run.stall_reissues="
+                         f"{self.cfg.run.stall_reissues}): {summary}")
+
+    def _stall_summary(self) -> str:
+        try:
+            report = json.loads((self.run_dir / "stall.json").read_text())
+        except (OSError, ValueError):
+            return "(no stall.json)"
+        missing = [m for g in report.get("groups", []) for m in g.get("missing", [])]
+        missing += [m for r in report.get("eval_rounds", []) for m in r.get("missing", [])]
+
+        def one(m: dict) -> str:
+            where = m.get("state", "?")
+            if "to" in m:
+                where += f" to {m['to']}, {m.get('issued_s_ago', '?')}s ago"
+            return f"{m.get('request_id')} ({where})"
+
+        shown = "; ".join(one(m) for m in missing[:8]) + (f"; and {len(missing) - 8} more" if len(missing) > 8 else "")
+        return (f"no learner step and no trajectory acknowledged for {report.get('stalled_for_s')}s "
+                f"(run.stall_timeout_s={self.cfg.run.stall_timeout_s:g}) at step {report.get('learner_step')}; "
+                f"waiting for {len(missing)} sample(s): {shown}; {report.get('action')} "
+                f"(details: {self.run_dir / 'stall.json'})")
 
     async def _receive(self, transport: Transport, inbox) -> None:
         while True:
@@ -400,6 +488,8 @@ class Supervisor:
         state.status = msg.status
         if msg.role == "learner":
             self._show_progress(state.counters)
+        elif msg.role == "coordinator":
+            self._on_coordinator(state)
         self._pulse()
 
     def _lost(self, state: ActorState, why: str, outbox, transport: Transport) -> tuple[int, str] | None:
@@ -512,6 +602,9 @@ class Supervisor:
                     return 1, f"actors not ready after {tcfg.startup_timeout_s:.0f}s: {', '.join(waiting)}"
             if self.started:
                 transport.try_send(outbox, P.Start(actors=list(self.actors)))
+                every = self.cfg.run.counters_every_s
+                if every and now - self._counters_at >= every:
+                    self._write_counters()
             self.changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), timeout=min(0.5, tcfg.heartbeat_interval_s))

@@ -310,7 +310,8 @@ class PPOTrainer:
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = None
         if "optimizer" not in ds_cfg:
-            optimizer = torch.optim.AdamW(params, lr=float(lr), betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+            optimizer = torch.optim.AdamW(params, lr=float(lr), betas=(0.9, 0.999), eps=float(self.algo.adam_eps),
+                                          weight_decay=0.0)
         scheduler = None
         if warmup > 0 and "scheduler" not in ds_cfg:
             def scheduler(opt):

@@ -378,6 +378,18 @@ def learner_config():
     })
 
 
+def tagged(run_dir, traj: P.Trajectory) -> P.Trajectory:
+    """``traj`` with the tag this run's coordinator would have given its work (the test plays the
+    coordinator: the learner takes only issued work)."""
+    from espo_async.ids import work_tag
+    from espo_async.runtime.keys import run_key
+
+    tag = work_tag(run_key(run_dir), request_id=traj.request_id, prompt_id=traj.prompt_id,
+                   sample_index=traj.sample_index, group_size=traj.group_size, attempt=traj.attempt,
+                   purpose=traj.purpose, prompt_token_ids=traj.prompt_token_ids[:len(traj.prompt_token_ids) - traj.offset])
+    return msgspec.structs.replace(traj, tag=tag)
+
+
 def trajectory(tokenizer, sample: int, *, logprobs=None, **over) -> P.Trajectory:
     from espo_async.tasks.registry import make_task
 
@@ -418,14 +430,14 @@ async def test_learner_rejects_impossible_trajectories_and_trains_through_nan_lo
                 trajectory(tokenizer, 0, group_size=3, sample_index=0),  # group size differs from the config
                 trajectory(tokenizer, 0, token_ids=np.full(n, 10**7, np.int32)),  # outside the vocabulary
             ):
-                await push.send(P.encode(bad))
+                await push.send(P.encode(tagged(tmp_path, bad)))
             await until(h, lambda c: c.get("rejected_trajectories") == 3 and c.get("wire.bad_frames") == len(GARBAGE)
                         and c.get("unexpected_messages") == 1, "bad trajectories rejected", timeout=60)
             # A complete group with NaN and infinite behaviour logprobs: counted, trained on (the
             # trainer gives those tokens importance weight 1); the same sample twice is taken once.
             lp = np.array([np.nan, -np.inf, np.inf, -0.5, -0.5, -0.5, -0.5, -0.5], np.float32)
             for sample in (0, 0, 1):
-                await push.send(P.encode(trajectory(tokenizer, sample, logprobs=lp)))
+                await push.send(P.encode(tagged(tmp_path, trajectory(tokenizer, sample, logprobs=lp))))
             hb = await until(h, lambda c: c.get("step", 0) >= 1, "learner step 1", timeout=240)
             assert hb.counters["non_finite_logprobs"] == 9  # 3 per trajectory received (the duplicate too)
             assert hb.counters["duplicates"] == 1 and hb.counters["received"] == 2

@@ -80,6 +80,9 @@ def coordinator(timeout_s: float = 5.0) -> Coordinator:
     c.credits, c.outstanding, c.alive, c.sessions, c.asked = {}, {}, {}, {}, {}
     c.queue, c.priority = deque(), deque()
     c.delivered = 0
+    # Its persistent state and stall watch (actors/coordinator.py): nothing open, learner not heard.
+    c.open, c.eval_open, c.down, c.watched = {}, {}, {}, set()
+    c.state_dirty, c.learner_epoch = False, None
     return c
 
 

@@ -168,3 +168,20 @@ async def test_actors_placement_cpus_and_niceness(tmp_path, tiny_model_dir):
     mine = os.getpriority(os.PRIO_PROCESS, 0)
     assert nice["learner"] == min(19, mine + 5)
     assert nice["stopper"] == nice["sampler-0"] == mine
+
+
+async def test_summary_reports_accuracy_with_errors_and_the_paired_gain(tmp_path, tiny_model_dir):
+    """summary.json: both held-out ends with their standard error over problems, and the
+    before/after gain paired by problem (the rounds' prompt ids differ: e0/<id> and e2/<id>)."""
+    cfg = fake_config(run={"total_steps": 2}, task={"eval_problems": 8, "eval_samples": 2})
+    result = await run_system(cfg, tmp_path)
+    assert result.exit_code == 0, result.reason
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert before["step"] == 0 and after["step"] == 2 and before["n"] == after["n"] == 16
+    for e in (before, after):
+        assert len(e["per_problem"]) == 8 and 0 <= e["accuracy_se"] <= 0.5
+        assert sum(e["per_problem"].values()) / 8 == pytest.approx(e["accuracy"])
+    gain = summary["eval_gain"]
+    assert gain["problems"] == 8
+    assert gain["accuracy"] == pytest.approx(after["accuracy"] - before["accuracy"])

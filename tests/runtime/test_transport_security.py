@@ -244,3 +244,44 @@ def test_key_folder_is_private_and_checked(tmp_path):
         keys.load(folder)
     with pytest.raises(FileExistsError):
         keys.generate(folder)
+
+
+async def test_curve_auto_is_one_switch_that_protects_a_whole_run_on_loopback(tmp_path, tiny_model_dir):
+    """transport.curve.auto on loopback tcp: the run makes its keys (RUN/curve, 0700), every actor
+    uses them, and the run trains to its end; a local stranger without the keys (what any user of
+    a shared machine could otherwise do) asks the coordinator for work all along and gets none."""
+    import json
+    import stat
+
+    from tests.reliability.system_run import SystemRun, faults_config
+
+    cfg = faults_config(run={"total_steps": 2}, transport={"kind": "tcp", "curve": {"auto": True}})
+    assert cfg.transport.curve.enabled
+    async with SystemRun(cfg, tmp_path) as run:
+        ctx = zmq.asyncio.Context()
+        stranger = ctx.socket(zmq.DEALER)
+        stranger.setsockopt(zmq.LINGER, 0)
+        stranger.connect(run.sup.addresses["work"])
+        got = []
+
+        async def ask_for_work():
+            while True:
+                await stranger.send(P.encode(P.WorkRequest(sampler_id="stranger", free_slots=4, policy_version=0)))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):  # the stranger's polling period, not synchronisation
+                        got.append(await stranger.recv())
+
+        asker = asyncio.create_task(ask_for_work())
+        try:
+            result = await run.finish(300)
+        finally:
+            asker.cancel()
+            ctx.destroy(linger=0)
+    assert result.exit_code == 0, result.reason
+    assert got == []
+    folder = tmp_path / "curve"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.glob("*.key_secret"))
+    assert f"keys_dir: {folder.resolve()}" in (tmp_path / "config.yaml").read_text()
+    final = json.loads((tmp_path / "counters.jsonl").read_text().splitlines()[-1])
+    assert final["actors"]["coordinator"]["counters"].get("wire.handshake_failures", 0) >= 1

@@ -278,3 +278,9 @@ def test_critic_warmup_trains_only_the_critic(tiny_dir, tmp_path):
     assert np.isnan(m1["policy_loss"]) and np.isfinite(m1["critic_loss"])
     tr.train_step(make_batch(seed=13), step=2, learner_version=0)
     assert changed(p0, tr.policy.lm)
+
+
+def test_adam_eps_reaches_the_optimisers(tiny_dir, tmp_path):
+    tr = make_trainer(tiny_dir, tmp_path, adam_eps=1e-3)
+    assert tr.policy_engine.optimizer.param_groups[0]["eps"] == 1e-3
+    assert tr.critic_engine.optimizer.param_groups[0]["eps"] == 1e-3
