@@ -139,8 +139,10 @@ def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, cred
 
     ``credit="oracle"`` (a diagnostic, not a method: it reads the gold solution) trains a wrong
     rollout only on its tokens up to and including its first mistake, so the correct steps it
-    takes after the mistake (on a wrong running value) are not pushed down with it: the credit a
-    perfect critic would give, and what ESPO's stop approximates."""
+    takes after the mistake (on a wrong running value) are not pushed down with it (what ESPO's
+    stop approximates); ``credit="mistake"`` trains a wrong rollout only on its first mistake
+    token, the credit a perfect critic's TD errors would concentrate there. ``"positive"``
+    trains on the correct rollouts alone (rejection-sampling fine-tuning), a sanity check."""
     r = cfg.rollout
     rng = random.Random(cfg.run.seed)
     problems = task.train_problems()
@@ -170,12 +172,14 @@ def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, cred
         tok_lp = lp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
         w = torch.zeros_like(tok_lp)
         for b, (pl, rl) in enumerate(spans):
-            upto = rl
-            if credit == "oracle" and rewards[b] <= 0:
+            start, upto = 0, rl
+            if credit in ("oracle", "mistake") and rewards[b] <= 0:
                 i, _, text = samples[b]
                 pos = task.first_error_position(batch[i], text)
                 upto = min(rl, pos + 1) if pos is not None else rl  # char-level: token index = text index
-            w[b, pl - 1:pl - 1 + upto] = adv[b]
+                if credit == "mistake":  # only the first mistake itself
+                    start = upto - 1
+            w[b, pl - 1 + start:pl - 1 + upto] = adv[b]
         n_tok = max(sum(rl for _, rl in spans), 1)
         loss = -(tok_lp * w).sum() / n_tok
         opt.zero_grad(set_to_none=True)
@@ -206,8 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--optim", choices=("adam", "sgd"), default="adam")
     ap.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's epsilon")
     ap.add_argument("--trainable", default=None, help="regex of the parameter names to train (default: all)")
-    ap.add_argument("--credit", choices=("all", "oracle", "positive"), default="all",
-                    help="oracle: wrong rollouts train only up to their first mistake (diagnostic)")
+    ap.add_argument("--credit", choices=("all", "oracle", "mistake", "positive"), default="all",
+                    help="oracle: wrong rollouts train only up to their first mistake; mistake: only on it (diagnostics)")
     ap.add_argument("--eval-problems", type=int, default=128)
     ap.add_argument("--eval-samples", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
