@@ -73,6 +73,19 @@ async def broadcast_until(h: ActorHarness, msg: P.Message, predicate, what: str,
         raise AssertionError(f"timed out waiting for {what}; last counters: {last}") from None
 
 
+async def first_work_after_boundary(h: ActorHarness, sock, timeout: float = 60.0) -> P.Message:
+    """The learner's first BatchBoundary, re-sent (PUB/SUB may lose it, as the learner knows)
+    until the coordinator's first frame reaches ``sock``; returns that frame."""
+    async with asyncio.timeout(timeout):
+        while True:
+            await h.send("broadcast", boundary(step=0, version=0, groups=0))
+            try:
+                async with asyncio.timeout(0.3):
+                    return P.decode(await sock.recv())
+            except TimeoutError:
+                continue
+
+
 def no_crash(h: ActorHarness, hb: P.Heartbeat) -> None:
     assert h.proc.poll() is None, h.output()[-3000:]
     assert hb.status == "running"
@@ -305,15 +318,7 @@ async def test_coordinator_ignores_bad_reports_and_keeps_handing_out_work(tmp_pa
             assert hb.counters["outstanding"] == 0 and hb.counters["learner_version"] == 0
 
             # Then the learner speaks (re-sent: PUB/SUB), and work flows.
-            async with asyncio.timeout(60):
-                while True:
-                    await h.send("broadcast", boundary(step=0, version=0, groups=0))
-                    try:
-                        async with asyncio.timeout(0.3):
-                            first = P.decode(await dealer.recv())
-                        break
-                    except TimeoutError:
-                        continue
+            first = await first_work_after_boundary(h, dealer)
             assert isinstance(first, P.PromptWork)
 
             # Garbage, wrong versions, a 3-part message, an oversized frame.

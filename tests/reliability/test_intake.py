@@ -25,8 +25,8 @@ from espo_async.config import parse_config
 from espo_async.runtime.harness import ActorHarness
 from tests.reliability.test_bad_input import (
     assets,
-    boundary,
     broadcast_until,
+    first_work_after_boundary,
     learner_config,
     no_crash,
     tagged,
@@ -64,15 +64,7 @@ async def test_a_strangers_work_request_is_reclaimed_when_it_goes_silent(tmp_pat
         alive = None
         try:
             await stranger.send(P.encode(P.WorkRequest(sampler_id="not-a-sampler", free_slots=2, policy_version=0)))
-            async with asyncio.timeout(60):  # the learner speaks (re-sent: PUB/SUB): work flows to the stranger
-                while True:
-                    await h.send("broadcast", boundary(step=0, version=0, groups=0))
-                    try:
-                        async with asyncio.timeout(0.3):
-                            first = P.decode(await stranger.recv())
-                        break
-                    except TimeoutError:
-                        continue
+            first = await first_work_after_boundary(h, stranger)  # the learner speaks: work flows to the stranger
             async with asyncio.timeout(10):
                 second = P.decode(await stranger.recv())
             taken = {first.request_id, second.request_id}
