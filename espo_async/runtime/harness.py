@@ -38,9 +38,24 @@ SOCKET_KINDS = {
 }
 
 
+def _be_nicer(n: int):
+    def preexec() -> None:  # in the child, after setsid: its own (new) autogroup and itself
+        os.nice(n)
+        with contextlib.suppress(OSError):
+            Path("/proc/self/autogroup").write_text(str(n))
+
+    return preexec
+
+
 class ActorHarness:
-    def __init__(self, config: Config, run_dir: Path, actor: str, *, binds: list[str], assets: dict):
+    def __init__(self, config: Config, run_dir: Path, actor: str, *, binds: list[str], assets: dict,
+                 nice: int = 0):
+        """``nice``: start the actor (and every process it starts) this much below the test. The
+        actor runs in a session of its own; under Linux's scheduler autogroups a session's
+        processes share one weight, so the autogroup is niced too, or a busy engine in the
+        actor's session would get half the machine however nice its threads are."""
         self.cfg = config
+        self.nice = int(nice)
         self.run_dir = Path(run_dir)
         self.actor = actor
         self.addresses = resolve_addresses("ipc", str(self.run_dir.resolve()))
@@ -80,6 +95,7 @@ class ActorHarness:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_be_nicer(self.nice) if self.nice else None,
             )
         self._tasks.append(asyncio.create_task(self._heartbeat_loop(control_in)))
         self._tasks.append(asyncio.create_task(self._watch_exit()))

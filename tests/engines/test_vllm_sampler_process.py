@@ -20,6 +20,33 @@ pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="module")]
 
 BINDS = ["work", "stopper_stream", "critic_stream", "stopper_cancel", "results", "broadcast"]
 TASK = {"name": "arithmetic", "options": {"n_steps": 3}}
+# The cancel test's rollout length. Under CPU contention (a loaded CI box) the engine core keeps
+# generating while the sampler and this test wait for a time slice: on 2 cores with three busy
+# processes beside them, a 400-token rollout ended before a cancel sent 9 ms after its 4th token
+# arrived (every attempt). At this length the engine needs seconds, not one slice, to outrun it.
+LONG = 6000
+
+
+def long_context_copy(model_dir: str, dest) -> str:
+    """The tiny model with its RoPE context raised to LONG + prompt: same weights (linked), one
+    config field changed; RoPE has no learned positions, so the weights serve any length."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    src, dest = Path(model_dir), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name == "config.json":
+            config = json.loads(f.read_text())
+            config["max_position_embeddings"] = LONG + 256
+            (dest / f.name).write_text(json.dumps(config))
+        elif f.is_file():
+            try:
+                os.link(f, dest / f.name)
+            except OSError:
+                shutil.copy2(f, dest / f.name)
+    return str(dest)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -27,22 +54,24 @@ async def sampler(tmp_path_factory, tiny_model_dir):
     cfg = parse_config(
         {
             "task": TASK,
-            "rollout": {"max_tokens": 400},  # the sampler rejects training work above T_max
+            "rollout": {"max_tokens": LONG},  # the sampler rejects training work above T_max
             "actors": {
                 "sampler": {
                     "class": "actors.samplers.vllm:VLLMSampler",
                     # ignore_eos: every rollout runs to max_tokens, so a cancel always lands in flight
                     # engine_nice: its engine processes yield the core to the sampler's own
-                    "options": {"max_num_seqs": 2, "kv_cache_gib": 1.0, "max_model_len": 512, "ignore_eos": True,
+                    "options": {"max_num_seqs": 2, "kv_cache_gib": 1.0, "max_model_len": LONG + 256, "ignore_eos": True,
                                 "engine_nice": 3},
                 }
             },
             "transport": {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 120},
         }
     )
-    assets = {"policy_dir": tiny_model_dir, "critic_dir": tiny_model_dir, "critic_from_policy": True}
+    model_dir = long_context_copy(tiny_model_dir, tmp_path_factory.mktemp("tiny-long"))
+    assets = {"policy_dir": model_dir, "critic_dir": model_dir, "critic_from_policy": True}
     run_dir = tmp_path_factory.mktemp("vllm-sampler")
-    async with ActorHarness(cfg, run_dir, "sampler-0", binds=BINDS, assets=assets) as h:
+    # nice: this test plays the stopper and must answer a streamed token while the engine runs.
+    async with ActorHarness(cfg, run_dir, "sampler-0", binds=BINDS, assets=assets, nice=5) as h:
         await h.start(timeout=240)
         ident, msg = await h.recv_routed("work", timeout=60)
         assert isinstance(msg, P.WorkRequest) and msg.free_slots == 2
@@ -112,13 +141,15 @@ async def test_tokens_and_logprobs_stream_and_match_the_trajectory(sampler, toke
 
 
 async def test_cancel_aborts_the_engine_request_and_frees_the_slot(sampler, tokenizer):
-    """A cancel that reaches the sampler while the request runs aborts it in the engine. The tiny
-    model can finish 400 tokens before the cancel's round trip on a loaded machine; such an
-    attempt (the cancel arrives after the end, counted as cancel_after_end) is tried again."""
+    """A cancel that reaches the sampler while the request runs aborts it in the engine. The
+    rollout is LONG tokens so that the cancel's round trip lands in flight even on a loaded
+    machine; an attempt whose cancel still arrives after the end (counted as cancel_after_end)
+    is tried again, and the failure says how far the engine got."""
     h = sampler
-    for attempt in range(5):
+    outran = []
+    for attempt in range(3):
         rid = f"cancel#{attempt}"
-        await h.send_to("work", h.ident, work(tokenizer, 1, max_tokens=400, rid=rid))
+        await h.send_to("work", h.ident, work(tokenizer, 1, max_tokens=LONG, rid=rid))
         seen = 0
         while seen < 4:
             msg = await h.recv("stopper_stream", timeout=60)
@@ -131,14 +162,16 @@ async def test_cancel_aborts_the_engine_request_and_frees_the_slot(sampler, toke
         (_, again), _ = await h.recv_until("work", lambda m: isinstance(m, P.WorkRequest), routed=True, timeout=30)
         assert again.free_slots == 1
         if traj.ending != "absorbed":  # finished before the cancel arrived
-            assert traj.ending == "truncated" and len(traj.token_ids) == 400
+            assert traj.ending == "truncated" and len(traj.token_ids) == LONG
+            outran.append(seen)
             continue
         assert len(traj.token_ids) == 3 and traj.finish_reason == "abort"
-        assert traj.tokens_generated < 400  # aborted in flight: without the cancel it would run to 400
+        assert traj.tokens_generated < LONG  # aborted in flight: without the cancel it would run to LONG
         await h.wait_heartbeat(lambda hb: hb.counters.get("active") == 0 and hb.counters.get("cancels") == 1,
                                fresh_only=True)
         return
-    pytest.fail("every request finished before its cancel arrived")
+    pytest.fail(f"every request ran to {LONG} tokens before its cancel arrived (sent after "
+                f"{outran} tokens were seen): the sampler or this test was starved of the CPU")
 
 
 async def test_weight_update_changes_greedy_output_to_the_learners_model(sampler, tokenizer, tiny_model_dir, tmp_path):
