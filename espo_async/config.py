@@ -224,6 +224,12 @@ class ModelConfig(_Section):
     sft_steps: int = Field(0, ge=0, description="Supervised warm-up steps on the task's gold solutions before RL (tiny model).")
     sft_batch: int = Field(64, ge=1, description="Supervised warm-up batch size.")
     sft_lr: float = Field(3e-3, gt=0, description="Supervised warm-up peak learning rate (one-cycle schedule).")
+    sft_label_smoothing: float = Field(
+        0.0, ge=0, lt=1,
+        description="Supervised warm-up label smoothing: each target keeps 1 - s of its probability and s is "
+        "spread over the vocabulary. s > 0 leaves the greedy answer intact but makes sampling at temperature 1 "
+        "slip (a low-probability token, a regret spike), which RL can remove (docs/results.notes.md).",
+    )
     tiny_layers: int = Field(2, ge=1, description="Tiny model: layers.")
     tiny_hidden: int = Field(64, ge=32, description="Tiny model: hidden size (head size is 32: vLLM's CPU kernels need >= 32).")
 

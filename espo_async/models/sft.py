@@ -35,6 +35,8 @@ def _key(base_dir: Path, config) -> dict:
         "batch": config.model.sft_batch,
         "lr": config.model.sft_lr,
         "seed": config.run.seed,
+        # only when set: the warm-ups cached before this option keep their keys
+        **({"label_smoothing": config.model.sft_label_smoothing} if config.model.sft_label_smoothing else {}),
     }
 
 
@@ -99,6 +101,15 @@ def greedy_accuracy(model, tokenizer, task, problems, max_new_tokens: int) -> fl
     return sum(task.score(p, t) for p, t in zip(problems, texts)) / len(problems)
 
 
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy of ``logits`` [B, L, V] against ``labels`` [B, L] (-100: not
+    scored), the mean over scored tokens. With ``label_smoothing`` s each target keeps 1 - s of
+    its probability mass and s is spread evenly over the vocabulary (``model.sft_label_smoothing``)."""
+    logits = logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100, label_smoothing=label_smoothing)
+
+
 def train_sft(base_dir: Path, out_dir: Path, config, *, log=print) -> dict:
     m = config.model
     threads = torch.get_num_threads()
@@ -129,7 +140,7 @@ def _train(base_dir: Path, out_dir: Path, config, m, log) -> dict:
     log(f"supervised warm-up of the tiny model: {m.sft_steps} steps (cached afterwards)")
     for step in range(1, m.sft_steps + 1):
         ids, mask, labels = next(batches)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = sft_loss(model(input_ids=ids, attention_mask=mask).logits, labels, m.sft_label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
