@@ -22,6 +22,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def evaluate(model, tok, task, problems, *, n: int, temperature: float, max_new:
 
 
 def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, credit: str = "all",
-          trainable: str | None = None, adam_eps: float = 1e-8) -> list[dict]:
+          trainable: str | None = None, adam_eps: float = 1e-8, kl_coef: float = 0.0) -> list[dict]:
     """GRPO-style policy gradient on sampled groups; one optimiser step per batch.
 
     ``credit="oracle"`` (a diagnostic, not a method: it reads the gold solution) trains a wrong
@@ -142,7 +143,11 @@ def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, cred
     takes after the mistake (on a wrong running value) are not pushed down with it (what ESPO's
     stop approximates); ``credit="mistake"`` trains a wrong rollout only on its first mistake
     token, the credit a perfect critic's TD errors would concentrate there. ``"positive"``
-    trains on the correct rollouts alone (rejection-sampling fine-tuning), a sanity check."""
+    trains on the correct rollouts alone (rejection-sampling fine-tuning), a sanity check.
+
+    ``kl_coef`` > 0 adds kl_coef x the exact per-token KL(pi || pi_ref) over the vocabulary, at
+    every response position, to the start model (the system's ``algo.kl_coef`` uses the sampled
+    k3 estimator of the same quantity)."""
     r = cfg.rollout
     rng = random.Random(cfg.run.seed)
     problems = task.train_problems()
@@ -153,6 +158,10 @@ def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, cred
             p.requires_grad_(bool(pattern.search(name)))
         params = [p for p in model.parameters() if p.requires_grad]
         log(f"training {sum(p.numel() for p in params)} parameters matching {trainable!r}")
+    ref = None
+    if kl_coef:
+        import copy
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
     opt = (torch.optim.AdamW(params, lr=lr, eps=adam_eps, weight_decay=0.0) if optim == "adam"
            else torch.optim.SGD(params, lr=lr))
     history = []
@@ -182,12 +191,22 @@ def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, cred
             w[b, pl - 1 + start:pl - 1 + upto] = adv[b]
         n_tok = max(sum(rl for _, rl in spans), 1)
         loss = -(tok_lp * w).sum() / n_tok
+        kl_value = 0.0
+        if ref is not None:
+            with torch.no_grad():
+                _, ref_lp, _ = forward(ref, tok, task, batch, samples)
+            on = torch.zeros(tok_lp.shape)
+            for b, (pl, rl) in enumerate(spans):
+                on[b, pl - 1:pl - 1 + rl] = 1.0
+            kl = (lp[:, :-1].exp() * (lp[:, :-1] - ref_lp[:, :-1])).sum(-1)
+            kl_value = float((kl * on).sum() / n_tok)
+            loss = loss + kl_coef * (kl * on).sum() / n_tok
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.algo.max_grad_norm))
         opt.step()
         rec = {"step": step, "reward": float(rewards.mean()), "grad_norm": gn,
-               "mean_len": sum(rl for _, rl in spans) / len(spans)}
+               "mean_len": sum(rl for _, rl in spans) / len(spans), **({"kl": kl_value} if ref is not None else {})}
         history.append(rec)
         if step % 10 == 0 or step == steps:
             log(json.dumps(rec))
@@ -209,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="default: the config's algo.lr")
     ap.add_argument("--optim", choices=("adam", "sgd"), default="adam")
     ap.add_argument("--adam-eps", type=float, default=1e-8, help="Adam's epsilon")
+    ap.add_argument("--kl-coef", type=float, default=0.0, help="weight of the exact per-token KL to the start model")
     ap.add_argument("--trainable", default=None, help="regex of the parameter names to train (default: all)")
     ap.add_argument("--credit", choices=("all", "oracle", "mistake", "positive"), default="all",
                     help="oracle: wrong rollouts train only up to their first mistake; mistake: only on it (diagnostics)")
@@ -228,14 +248,15 @@ def main(argv=None) -> int:
     problems = task.eval_problems()[: a.eval_problems]
     ev = dict(n=a.eval_samples, temperature=cfg.task.eval_temperature or cfg.rollout.temperature,
               max_new=cfg.rollout.max_tokens)
-    result = {"config": a.config, "overrides": a.set, "model_s": time.time() - t0}
+    result = {"config": a.config, "overrides": a.set, "argv": argv if argv is not None else sys.argv[1:],
+              "model_s": time.time() - t0}
     result["before"] = evaluate(model, tok, task, problems, **ev)
     print("before", json.dumps(result["before"]), flush=True)
     if a.steps:
         t1 = time.time()
         result["history"] = train(model, tok, task, cfg, steps=a.steps, lr=a.lr or cfg.algo.lr, optim=a.optim,
                                   log=lambda s: print(s, flush=True), credit=a.credit, trainable=a.trainable,
-                                  adam_eps=a.adam_eps)
+                                  adam_eps=a.adam_eps, kl_coef=a.kl_coef)
         result["train_s"] = time.time() - t1
         result["after"] = evaluate(model, tok, task, problems, **ev)
         print("after", json.dumps(result["after"]), flush=True)
