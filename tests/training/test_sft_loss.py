@@ -38,8 +38,7 @@ def test_label_smoothing_moves_the_optimum_off_certainty():
 
 
 def test_cache_key_keeps_old_warm_ups_and_separates_smoothed_ones(tmp_path):
-    cfg = load_config(DEFAULT)
-    plain = sft._key(tmp_path, cfg)
+    plain = sft._key(tmp_path, load_config(DEFAULT, overrides=["model.sft_label_smoothing=0"]))
     assert "label_smoothing" not in plain  # warm-ups cached before the option keep their key
     smoothed = sft._key(tmp_path, load_config(DEFAULT, overrides=["model.sft_label_smoothing=0.02"]))
     assert smoothed["label_smoothing"] == 0.02 and {k: v for k, v in smoothed.items() if k != "label_smoothing"} == plain
