@@ -45,6 +45,18 @@ def _check_same_length(**arrays: np.ndarray) -> None:
         raise ValueError(f"arrays must have equal lengths, got {lengths}")
 
 
+def _check_token_arrays(*, token_ids: np.ndarray, logprobs: np.ndarray, top1_logprobs: np.ndarray,
+                        versions: np.ndarray) -> None:
+    """The one check of the per-token arrays every message that carries tokens holds (``TokenChunk``,
+    ``TokenBatch``, ``Trajectory``): each 1-D, ids and versions integers, log-probabilities floats,
+    all of one length."""
+    _check_1d("token_ids", token_ids, "iu")
+    _check_1d("logprobs", logprobs, "f")
+    _check_1d("top1_logprobs", top1_logprobs, "f")
+    _check_1d("versions", versions, "iu")
+    _check_same_length(token_ids=token_ids, logprobs=logprobs, top1_logprobs=top1_logprobs, versions=versions)
+
+
 def _check_counts(name: str, counts: np.ndarray, of: str, total: int, *, least: int) -> None:
     """``counts`` (each >= ``least``) must add up to ``total``, the length of ``of``."""
     if counts.min() < least:
@@ -141,16 +153,8 @@ class TokenChunk(Message):
     def __post_init__(self) -> None:
         if self.start < 0:
             raise ValueError(f"start must be >= 0, got {self.start}")
-        _check_1d("token_ids", self.token_ids, "iu")
-        _check_1d("logprobs", self.logprobs, "f")
-        _check_1d("top1_logprobs", self.top1_logprobs, "f")
-        _check_1d("versions", self.versions, "iu")
-        _check_same_length(
-            token_ids=self.token_ids,
-            logprobs=self.logprobs,
-            top1_logprobs=self.top1_logprobs,
-            versions=self.versions,
-        )
+        _check_token_arrays(token_ids=self.token_ids, logprobs=self.logprobs, top1_logprobs=self.top1_logprobs,
+                            versions=self.versions)
         if self.prompt_token_ids is not None:
             _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
 
@@ -196,17 +200,9 @@ class TokenBatch(Message):
             _check_1d(name, arr, "iu")
             if len(arr) != k:
                 raise ValueError(f"{name} has {len(arr)} entries for {k} request ids")
-        _check_1d("token_ids", self.token_ids, "iu")
-        _check_1d("logprobs", self.logprobs, "f")
-        _check_1d("top1_logprobs", self.top1_logprobs, "f")
-        _check_1d("versions", self.versions, "iu")
         _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
-        _check_same_length(
-            token_ids=self.token_ids,
-            logprobs=self.logprobs,
-            top1_logprobs=self.top1_logprobs,
-            versions=self.versions,
-        )
+        _check_token_arrays(token_ids=self.token_ids, logprobs=self.logprobs, top1_logprobs=self.top1_logprobs,
+                            versions=self.versions)
         if self.starts.min() < 0:
             raise ValueError(f"starts must be >= 0, got {int(self.starts.min())}")
         _check_counts("lengths", self.lengths, "token_ids", len(self.token_ids), least=1)
@@ -352,16 +348,8 @@ class Trajectory(Message):
                 f"{self.offset} response tokens ({len(self.prompt_token_ids)} prefix tokens, ending {self.ending})"
             )
         _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
-        _check_1d("token_ids", self.token_ids, "iu")
-        _check_1d("logprobs", self.logprobs, "f")
-        _check_1d("top1_logprobs", self.top1_logprobs, "f")
-        _check_1d("versions", self.versions, "iu")
-        _check_same_length(
-            token_ids=self.token_ids,
-            logprobs=self.logprobs,
-            top1_logprobs=self.top1_logprobs,
-            versions=self.versions,
-        )
+        _check_token_arrays(token_ids=self.token_ids, logprobs=self.logprobs, top1_logprobs=self.top1_logprobs,
+                            versions=self.versions)
         if self.ending == "absorbed":
             if self.stop_index < 0 or len(self.token_ids) != self.stop_index + 1:
                 raise ValueError(
