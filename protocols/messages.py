@@ -78,17 +78,40 @@ class Message(msgspec.Struct, array_like=True, forbid_unknown_fields=True, kw_on
 # Work distribution: coordinator <-> samplers (ROUTER/DEALER, credit-based)
 
 
+WorkIntent = Literal["ordinary", "hello", "slots"]
+"""What a ``WorkRequest`` is: an ordinary request (slots came free, or 0 slots: "I am alive"),
+the first request of a sampler process (``hello``: it holds all its free slots), or the answer to
+a ``SlotsQuery`` (``slots``: all its free slots now)."""
+
+
 class WorkRequest(Message):
-    """Sampler -> coordinator: "I have ``free_slots`` free; send me that many prompts"."""
+    """Sampler -> coordinator: "I have ``free_slots`` free; send me that many prompts".
+
+    ``session`` names the sampler's process on a host without the coordinator (docs/cluster.md;
+    a new session under a known name is a restart); it is empty for a sampler that the
+    coordinator's own supervisor watches. ``intent`` says what the request is (``WorkIntent``);
+    the coordinator reads it only with a session."""
 
     KIND: ClassVar[str] = "work_request"
-    sampler_id: str
+    sampler: str  # the sampler's actor name (its identity on the work socket)
     free_slots: int
     policy_version: int
+    session: str = ""
+    intent: WorkIntent = "ordinary"
 
     def __post_init__(self) -> None:
         if self.free_slots < 0:
             raise ValueError(f"free_slots must be >= 0, got {self.free_slots}")
+
+
+class SlotsQuery(Message):
+    """Coordinator -> a sampler on another host: "how many of your slots are free?". Asked when
+    the coordinator does not know (it restarted, or it gave that sampler up for lost); the sampler
+    answers with a ``WorkRequest`` of intent ``slots``."""
+
+    KIND: ClassVar[str] = "slots_query"
+    sampler: str  # the sampler asked (its actor name)
+    reason: str = ""
 
 
 class PromptWork(Message):
@@ -499,6 +522,7 @@ class Received(Message):
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     WorkRequest,
+    SlotsQuery,
     PromptWork,
     WorkDone,
     TokenChunk,

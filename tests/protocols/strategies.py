@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 from hypothesis import strategies as st
 
@@ -135,7 +137,9 @@ stop_params = st.builds(
 )
 
 STRATEGIES = {
-    P.WorkRequest: st.builds(P.WorkRequest, sampler_id=ids, free_slots=nonneg, policy_version=nonneg),
+    P.WorkRequest: st.builds(P.WorkRequest, sampler=ids, free_slots=nonneg, policy_version=nonneg,
+                             session=st.text(max_size=16), intent=st.sampled_from(typing.get_args(P.WorkIntent))),
+    P.SlotsQuery: st.builds(P.SlotsQuery, sampler=ids, reason=st.text(max_size=20)),
     P.PromptWork: prompt_work(),
     P.WorkDone: st.builds(P.WorkDone, sampler_id=ids, request_id=ids, ending=st.none() | endings, n_tokens=nonneg, error=st.text(max_size=20)),
     P.TokenChunk: token_chunk(),
