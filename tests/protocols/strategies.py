@@ -13,7 +13,7 @@ from protocols.messages import ActorDown, ActorUp, Received
 ids = st.text(min_size=1, max_size=24)
 nonneg = st.integers(min_value=0, max_value=2**31 - 1)
 floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
-endings = st.sampled_from(["finished", "absorbed", "truncated", "incomplete"])
+endings = st.sampled_from(typing.get_args(P.Ending))
 
 
 def int_array(n: int) -> st.SearchStrategy[np.ndarray]:
@@ -121,7 +121,7 @@ def trajectory(draw):
 
 stop_params = st.builds(
     P.StopParams,
-    kind=st.sampled_from(["espo", "none", "random", "value_only", "regret_only"]),
+    kind=st.sampled_from(typing.get_args(P.messages.StopKind)),
     enabled=st.booleans(),
     mu=floats,
     var=floats,
