@@ -65,33 +65,25 @@ class ProtocolError(ValueError):
 KINDS: dict[str, type[Message]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
 
 
-def _enc_hook(obj: object) -> object:
-    if isinstance(obj, np.ndarray):
-        arr = obj
-        if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        dtype = arr.dtype.str
-        if dtype not in ALLOWED_DTYPES:
-            raise TypeError(f"arrays of dtype {arr.dtype} cannot travel (allowed: {sorted(ALLOWED_DTYPES)})")
-        if arr.ndim > MAX_ARRAY_NDIM:
-            raise TypeError(f"arrays with {arr.ndim} dimensions cannot travel (max {MAX_ARRAY_NDIM})")
-        payload = _ARRAY_ENCODER.encode((dtype, list(arr.shape), np.ascontiguousarray(arr).data))
-        return msgspec.msgpack.Ext(ARRAY_EXT, payload)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot encode object of type {type(obj).__name__}")
+def array_payload(arr: np.ndarray) -> bytes:
+    """The payload of an array's ``ARRAY_EXT`` extension: the msgpack array ``[dtype, shape, data]``
+    (little-endian, C order). The one place that writes numpy arrays for msgpack: the frames here
+    and the learner's rank-to-rank documents (espo_async/training/data_parallel.py). Raises
+    ``TypeError`` for a dtype outside ``ALLOWED_DTYPES`` or more than ``MAX_ARRAY_NDIM`` dimensions."""
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    dtype = arr.dtype.str
+    if dtype not in ALLOWED_DTYPES:
+        raise TypeError(f"arrays of dtype {arr.dtype} cannot travel (allowed: {sorted(ALLOWED_DTYPES)})")
+    if arr.ndim > MAX_ARRAY_NDIM:
+        raise TypeError(f"arrays with {arr.ndim} dimensions cannot travel (max {MAX_ARRAY_NDIM})")
+    return _ARRAY_ENCODER.encode((dtype, list(arr.shape), np.ascontiguousarray(arr).data))
 
 
-_ARRAY_ENCODER = msgspec.msgpack.Encoder()
-_ARRAY_HEADER = msgspec.msgpack.Decoder(tuple[str, list[int], bytes])
-
-
-_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
-
-
-def _ext_hook(code: int, data: memoryview) -> object:
-    if code != ARRAY_EXT:
-        raise ValueError(f"unknown msgpack extension type {code}")
+def array_from_payload(data: bytes | memoryview, *, copy: bool = False) -> np.ndarray:
+    """The array an ``ARRAY_EXT`` payload holds, checked (dtype allowed, shape, byte count); a
+    read-only view of ``data`` unless ``copy``. Raises ``ValueError`` (or a msgspec error) when
+    the payload is not a valid array."""
     dtype_str, shape, buf = _ARRAY_HEADER.decode(data)
     dtype = _DTYPES.get(dtype_str)
     if dtype is None:
@@ -107,7 +99,30 @@ def _ext_hook(code: int, data: memoryview) -> object:
     if expected != len(buf):
         raise ValueError(f"array of shape {shape} and dtype {dtype_str} needs {expected} bytes, got {len(buf)}")
     arr = np.frombuffer(buf, dtype=dtype)
-    return arr if len(shape) == 1 else arr.reshape(shape)
+    if len(shape) != 1:
+        arr = arr.reshape(shape)
+    return arr.copy() if copy else arr
+
+
+def _enc_hook(obj: object) -> object:
+    if isinstance(obj, np.ndarray):
+        return msgspec.msgpack.Ext(ARRAY_EXT, array_payload(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode object of type {type(obj).__name__}")
+
+
+_ARRAY_ENCODER = msgspec.msgpack.Encoder()
+_ARRAY_HEADER = msgspec.msgpack.Decoder(tuple[str, list[int], bytes])
+
+
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
+
+
+def _ext_hook(code: int, data: memoryview) -> object:
+    if code != ARRAY_EXT:
+        raise ValueError(f"unknown msgpack extension type {code}")
+    return array_from_payload(data)
 
 
 def _dec_hook(typ: type, obj: object) -> object:
