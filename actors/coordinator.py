@@ -21,16 +21,17 @@
   continues the group numbering and the dataset order at the learner's consumed-group count.
 * Samplers on other hosts (docs/cluster.md) have no supervisor that would tell this one about
   their loss. They say they are alive on the work socket (a 0-slot ``WorkRequest`` every
-  ``transport.heartbeat_interval_s``) and name their process in every request: ``sampler_id`` =
-  ``<name>#<session>``, ``<name>#<session>#hello`` on its first request, ``...#slots`` on an
-  answer to "how many slots are free?". One silent for ``transport.heartbeat_timeout_s`` is lost
-  exactly as on ``ActorDown`` (``samplers_silent``); a new session under a known name is a
-  restart: the old process's work is issued again (``samplers_restarted``). A sampler whose
+  ``transport.heartbeat_interval_s``) and name their process in every request (``session``),
+  with what the request is (``intent``): ``hello`` on its first request, ``slots`` on an answer
+  to a ``SlotsQuery``, ``ordinary`` otherwise. One silent for ``transport.heartbeat_timeout_s``
+  is lost exactly as on ``ActorDown`` (``samplers_silent``); a new session under a known name is
+  a restart: the old process's work is issued again (``samplers_restarted``). A sampler whose
   session is unknown here without a hello (this coordinator restarted, or it had called the
-  sampler lost) is asked for its free slots with an ``ActorDown`` naming it on the work socket
+  sampler lost) is asked for its free slots with a ``SlotsQuery`` on the work socket
   (``samplers_asked_for_slots``); until the answer arrives it gets no work and its requests'
   slots are not counted (the answer, sent after them on the same ordered pipe, counts them), and
-  the answer sets its credit.
+  the answer sets its credit. A request without a session (a sampler this host's supervisor
+  watches) counts its free slots whatever its intent.
 """
 
 from __future__ import annotations
@@ -338,10 +339,9 @@ class Coordinator(Actor):
         return self._reissue(lambda o: o.sampler == ident, why)
 
     def _remote_request(self, ident: bytes, msg: P.WorkRequest) -> int | None:
-        """A work request from a sampler on another host (``sampler_id`` = ``name#session[#tag]``).
+        """A work request from a sampler on another host (one that names its ``session``).
         Returns the slots to add to its credit, or None when its credit was set here."""
-        name, _, rest = msg.sampler_id.partition("#")
-        session, _, tag = rest.partition("#")
+        name, session = msg.sampler, msg.session
         known = self.sessions.get(ident)
         self.sessions[ident] = session
         if known is not None and known != session:
@@ -349,7 +349,7 @@ class Coordinator(Actor):
             self.counters["samplers_restarted"] += 1
             self._lose_sampler(ident, f"{name[:100]} restarted (new process) or another process uses its name")
             self.asked.pop(ident, None)
-        if tag == "hello":  # a new process: its first request holds all its free slots
+        if msg.intent == "hello":  # a new process: its first request holds all its free slots
             self.asked.pop(ident, None)
             self.credits[ident] = 0
             return msg.free_slots
@@ -357,14 +357,14 @@ class Coordinator(Actor):
             self._ask_slots(ident)  # alive, but its free slots are unknown here
             return 0
         if ident in self.asked:
-            if tag == "slots":
+            if msg.intent == "slots":
                 del self.asked[ident]
                 self.credits[ident] = min(msg.free_slots, MAX_CREDITS)
                 return None
             if time.monotonic() - self.asked[ident] > 2 * self.cfg.transport.heartbeat_interval_s:
                 self._ask_slots(ident)  # the question or its answer got lost: ask again
             return 0  # counted by the answer, which comes after this on the same pipe
-        if tag == "slots":  # an answer we no longer wait for (asked twice): already counted
+        if msg.intent == "slots":  # an answer we no longer wait for (asked twice): already counted
             self.counters["slot_answers_ignored"] += 1
             return 0
         return msg.free_slots
@@ -374,8 +374,8 @@ class Coordinator(Actor):
         self.credits[ident] = 0
         asked = self.transport.send_to(
             self.work_sock, ident,
-            ActorDown(actor=ident.decode(errors="replace"), role="sampler", incarnation=0,
-                      reason="the coordinator does not know this sampler's free slots"),
+            P.SlotsQuery(sampler=ident.decode(errors="replace"),
+                         reason="the coordinator does not know this sampler's free slots"),
         )
         if asked:
             self.asked[ident] = time.monotonic()
@@ -511,7 +511,7 @@ class Coordinator(Actor):
                     # transport.heartbeat_timeout_s is lost and its work issued again.
                     self.alive[ident] = time.monotonic()
                 if isinstance(msg, P.WorkRequest):
-                    slots = self._remote_request(ident, msg) if "#" in msg.sampler_id else msg.free_slots
+                    slots = self._remote_request(ident, msg) if msg.session else msg.free_slots
                     credit = self.credits.get(ident, 0) + (slots or 0)
                     if credit > MAX_CREDITS:
                         self.counters["credits_capped"] += 1

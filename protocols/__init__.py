@@ -19,6 +19,7 @@ from protocols.messages import (
     Message,
     PromptWork,
     Shutdown,
+    SlotsQuery,
     Start,
     StopParams,
     StreamEnd,
@@ -29,6 +30,7 @@ from protocols.messages import (
     ValueChunk,
     WeightsAnnounced,
     WorkDone,
+    WorkIntent,
     WorkRequest,
 )
 
@@ -46,6 +48,7 @@ __all__ = [
     "PromptWork",
     "ProtocolError",
     "Shutdown",
+    "SlotsQuery",
     "Start",
     "StopParams",
     "StreamEnd",
@@ -56,6 +59,7 @@ __all__ = [
     "ValueChunk",
     "WeightsAnnounced",
     "WorkDone",
+    "WorkIntent",
     "WorkRequest",
     "decode",
     "encode",

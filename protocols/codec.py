@@ -18,22 +18,31 @@ import numpy as np
 
 from protocols.messages import MESSAGE_TYPES, Message
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the wire format; every frame carries it. Bump on any message change.
 
 History: 1, the first format. 2, ``TokenBatch`` (kind ``token_batch``): a sampler sends the new
 tokens of all its streams of one engine step as one frame (the bus costs ~30 us per frame
-whatever it holds, and 64 frames per step delayed cancels in the sampler's loop); a peer of
-version 1 would not know the kind. Nothing else changed, so frames of version 1 still decode
-(``KIND_SINCE``): the learner's trajectory log of a run started before keeps every record."""
+whatever it holds, and 64 frames per step delayed cancels in the sampler's loop); frames of
+version 1 still decoded. 3, a wire that says what it means: ``WorkRequest`` carries the sampler's
+name (``sampler``), its process (``session``) and what the request is (``intent``: ordinary,
+hello, slots) in fields of their own instead of ``sampler_id`` = ``<name>#<session>[#hello|#slots]``,
+and the coordinator asks a sampler for its free slots with a kind of its own (``SlotsQuery``, kind
+``slots_query``) instead of an ``ActorDown`` on the work socket. A changed message: frames of
+versions 1 and 2 are refused (``unsupported schema version``), so every actor of a run must run
+this build, and a learner's trajectory log written by an older build is not replayed (opening
+it cuts the log at its first record it cannot read, i.e. all of it)."""
 
-OLDEST_READABLE_VERSION = 1
+OLDEST_READABLE_VERSION = 3
 """Frames from this version up to ``SCHEMA_VERSION`` decode (each kind from the version that
 introduced it); writing is always ``SCHEMA_VERSION``. Raise it when a message that existed
 before changes."""
 
-KIND_SINCE = {"token_batch": 2}
-"""The schema version that introduced a kind (kinds not listed: version 1)."""
+KIND_SINCE: dict[str, int] = {}
+"""The schema version that introduced a kind, for kinds newer than ``OLDEST_READABLE_VERSION``
+(a frame of an older readable version cannot hold them). Empty while every kind is readable from
+``OLDEST_READABLE_VERSION`` (``token_batch`` came in 2, ``slots_query`` in 3); an additive bump
+that keeps older frames readable lists its new kinds here."""
 
 ARRAY_EXT = 1
 """msgpack extension type code of an ndarray."""
@@ -56,33 +65,25 @@ class ProtocolError(ValueError):
 KINDS: dict[str, type[Message]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
 
 
-def _enc_hook(obj: object) -> object:
-    if isinstance(obj, np.ndarray):
-        arr = obj
-        if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        dtype = arr.dtype.str
-        if dtype not in ALLOWED_DTYPES:
-            raise TypeError(f"arrays of dtype {arr.dtype} cannot travel (allowed: {sorted(ALLOWED_DTYPES)})")
-        if arr.ndim > MAX_ARRAY_NDIM:
-            raise TypeError(f"arrays with {arr.ndim} dimensions cannot travel (max {MAX_ARRAY_NDIM})")
-        payload = _ARRAY_ENCODER.encode((dtype, list(arr.shape), np.ascontiguousarray(arr).data))
-        return msgspec.msgpack.Ext(ARRAY_EXT, payload)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot encode object of type {type(obj).__name__}")
+def array_payload(arr: np.ndarray) -> bytes:
+    """The payload of an array's ``ARRAY_EXT`` extension: the msgpack array ``[dtype, shape, data]``
+    (little-endian, C order). The one place that writes numpy arrays for msgpack: the frames here
+    and the learner's rank-to-rank documents (espo_async/training/data_parallel.py). Raises
+    ``TypeError`` for a dtype outside ``ALLOWED_DTYPES`` or more than ``MAX_ARRAY_NDIM`` dimensions."""
+    if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    dtype = arr.dtype.str
+    if dtype not in ALLOWED_DTYPES:
+        raise TypeError(f"arrays of dtype {arr.dtype} cannot travel (allowed: {sorted(ALLOWED_DTYPES)})")
+    if arr.ndim > MAX_ARRAY_NDIM:
+        raise TypeError(f"arrays with {arr.ndim} dimensions cannot travel (max {MAX_ARRAY_NDIM})")
+    return _ARRAY_ENCODER.encode((dtype, list(arr.shape), np.ascontiguousarray(arr).data))
 
 
-_ARRAY_ENCODER = msgspec.msgpack.Encoder()
-_ARRAY_HEADER = msgspec.msgpack.Decoder(tuple[str, list[int], bytes])
-
-
-_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
-
-
-def _ext_hook(code: int, data: memoryview) -> object:
-    if code != ARRAY_EXT:
-        raise ValueError(f"unknown msgpack extension type {code}")
+def array_from_payload(data: bytes | memoryview, *, copy: bool = False) -> np.ndarray:
+    """The array an ``ARRAY_EXT`` payload holds, checked (dtype allowed, shape, byte count); a
+    read-only view of ``data`` unless ``copy``. Raises ``ValueError`` (or a msgspec error) when
+    the payload is not a valid array."""
     dtype_str, shape, buf = _ARRAY_HEADER.decode(data)
     dtype = _DTYPES.get(dtype_str)
     if dtype is None:
@@ -98,7 +99,30 @@ def _ext_hook(code: int, data: memoryview) -> object:
     if expected != len(buf):
         raise ValueError(f"array of shape {shape} and dtype {dtype_str} needs {expected} bytes, got {len(buf)}")
     arr = np.frombuffer(buf, dtype=dtype)
-    return arr if len(shape) == 1 else arr.reshape(shape)
+    if len(shape) != 1:
+        arr = arr.reshape(shape)
+    return arr.copy() if copy else arr
+
+
+def _enc_hook(obj: object) -> object:
+    if isinstance(obj, np.ndarray):
+        return msgspec.msgpack.Ext(ARRAY_EXT, array_payload(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode object of type {type(obj).__name__}")
+
+
+_ARRAY_ENCODER = msgspec.msgpack.Encoder()
+_ARRAY_HEADER = msgspec.msgpack.Decoder(tuple[str, list[int], bytes])
+
+
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
+
+
+def _ext_hook(code: int, data: memoryview) -> object:
+    if code != ARRAY_EXT:
+        raise ValueError(f"unknown msgpack extension type {code}")
+    return array_from_payload(data)
 
 
 def _dec_hook(typ: type, obj: object) -> object:
@@ -170,5 +194,5 @@ def _check_version(version: int, kind: str) -> None:
             f"unsupported schema version {version} (this build speaks {SCHEMA_VERSION} and reads "
             f"{OLDEST_READABLE_VERSION}..{SCHEMA_VERSION})"
         )
-    if version < KIND_SINCE.get(kind, 1):
+    if version < KIND_SINCE.get(kind, OLDEST_READABLE_VERSION):
         raise ProtocolError(f"message kind {kind!r} needs schema version {KIND_SINCE[kind]}, the frame says {version}")

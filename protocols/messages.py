@@ -45,6 +45,18 @@ def _check_same_length(**arrays: np.ndarray) -> None:
         raise ValueError(f"arrays must have equal lengths, got {lengths}")
 
 
+def _check_token_arrays(*, token_ids: np.ndarray, logprobs: np.ndarray, top1_logprobs: np.ndarray,
+                        versions: np.ndarray) -> None:
+    """The one check of the per-token arrays every message that carries tokens holds (``TokenChunk``,
+    ``TokenBatch``, ``Trajectory``): each 1-D, ids and versions integers, log-probabilities floats,
+    all of one length."""
+    _check_1d("token_ids", token_ids, "iu")
+    _check_1d("logprobs", logprobs, "f")
+    _check_1d("top1_logprobs", top1_logprobs, "f")
+    _check_1d("versions", versions, "iu")
+    _check_same_length(token_ids=token_ids, logprobs=logprobs, top1_logprobs=top1_logprobs, versions=versions)
+
+
 def _check_counts(name: str, counts: np.ndarray, of: str, total: int, *, least: int) -> None:
     """``counts`` (each >= ``least``) must add up to ``total``, the length of ``of``."""
     if counts.min() < least:
@@ -66,17 +78,40 @@ class Message(msgspec.Struct, array_like=True, forbid_unknown_fields=True, kw_on
 # Work distribution: coordinator <-> samplers (ROUTER/DEALER, credit-based)
 
 
+WorkIntent = Literal["ordinary", "hello", "slots"]
+"""What a ``WorkRequest`` is: an ordinary request (slots came free, or 0 slots: "I am alive"),
+the first request of a sampler process (``hello``: it holds all its free slots), or the answer to
+a ``SlotsQuery`` (``slots``: all its free slots now)."""
+
+
 class WorkRequest(Message):
-    """Sampler -> coordinator: "I have ``free_slots`` free; send me that many prompts"."""
+    """Sampler -> coordinator: "I have ``free_slots`` free; send me that many prompts".
+
+    ``session`` names the sampler's process on a host without the coordinator (docs/cluster.md;
+    a new session under a known name is a restart); it is empty for a sampler that the
+    coordinator's own supervisor watches. ``intent`` says what the request is (``WorkIntent``);
+    the coordinator reads it only with a session."""
 
     KIND: ClassVar[str] = "work_request"
-    sampler_id: str
+    sampler: str  # the sampler's actor name (its identity on the work socket)
     free_slots: int
     policy_version: int
+    session: str = ""
+    intent: WorkIntent = "ordinary"
 
     def __post_init__(self) -> None:
         if self.free_slots < 0:
             raise ValueError(f"free_slots must be >= 0, got {self.free_slots}")
+
+
+class SlotsQuery(Message):
+    """Coordinator -> a sampler on another host: "how many of your slots are free?". Asked when
+    the coordinator does not know (it restarted, or it gave that sampler up for lost); the sampler
+    answers with a ``WorkRequest`` of intent ``slots``."""
+
+    KIND: ClassVar[str] = "slots_query"
+    sampler: str  # the sampler asked (its actor name)
+    reason: str = ""
 
 
 class PromptWork(Message):
@@ -141,16 +176,8 @@ class TokenChunk(Message):
     def __post_init__(self) -> None:
         if self.start < 0:
             raise ValueError(f"start must be >= 0, got {self.start}")
-        _check_1d("token_ids", self.token_ids, "iu")
-        _check_1d("logprobs", self.logprobs, "f")
-        _check_1d("top1_logprobs", self.top1_logprobs, "f")
-        _check_1d("versions", self.versions, "iu")
-        _check_same_length(
-            token_ids=self.token_ids,
-            logprobs=self.logprobs,
-            top1_logprobs=self.top1_logprobs,
-            versions=self.versions,
-        )
+        _check_token_arrays(token_ids=self.token_ids, logprobs=self.logprobs, top1_logprobs=self.top1_logprobs,
+                            versions=self.versions)
         if self.prompt_token_ids is not None:
             _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
 
@@ -196,17 +223,9 @@ class TokenBatch(Message):
             _check_1d(name, arr, "iu")
             if len(arr) != k:
                 raise ValueError(f"{name} has {len(arr)} entries for {k} request ids")
-        _check_1d("token_ids", self.token_ids, "iu")
-        _check_1d("logprobs", self.logprobs, "f")
-        _check_1d("top1_logprobs", self.top1_logprobs, "f")
-        _check_1d("versions", self.versions, "iu")
         _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
-        _check_same_length(
-            token_ids=self.token_ids,
-            logprobs=self.logprobs,
-            top1_logprobs=self.top1_logprobs,
-            versions=self.versions,
-        )
+        _check_token_arrays(token_ids=self.token_ids, logprobs=self.logprobs, top1_logprobs=self.top1_logprobs,
+                            versions=self.versions)
         if self.starts.min() < 0:
             raise ValueError(f"starts must be >= 0, got {int(self.starts.min())}")
         _check_counts("lengths", self.lengths, "token_ids", len(self.token_ids), least=1)
@@ -352,16 +371,8 @@ class Trajectory(Message):
                 f"{self.offset} response tokens ({len(self.prompt_token_ids)} prefix tokens, ending {self.ending})"
             )
         _check_1d("prompt_token_ids", self.prompt_token_ids, "iu")
-        _check_1d("token_ids", self.token_ids, "iu")
-        _check_1d("logprobs", self.logprobs, "f")
-        _check_1d("top1_logprobs", self.top1_logprobs, "f")
-        _check_1d("versions", self.versions, "iu")
-        _check_same_length(
-            token_ids=self.token_ids,
-            logprobs=self.logprobs,
-            top1_logprobs=self.top1_logprobs,
-            versions=self.versions,
-        )
+        _check_token_arrays(token_ids=self.token_ids, logprobs=self.logprobs, top1_logprobs=self.top1_logprobs,
+                            versions=self.versions)
         if self.ending == "absorbed":
             if self.stop_index < 0 or len(self.token_ids) != self.stop_index + 1:
                 raise ValueError(
@@ -511,6 +522,7 @@ class Received(Message):
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     WorkRequest,
+    SlotsQuery,
     PromptWork,
     WorkDone,
     TokenChunk,

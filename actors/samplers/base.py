@@ -16,11 +16,11 @@ One class serves every engine: ``FakeSampler`` and ``VLLMSampler`` differ only i
 
 On a host that does not run the coordinator (``cluster.roles``; docs/cluster.md) nobody tells
 the coordinator when this process dies, so the sampler also says it is alive on the work socket
-itself: a ``WorkRequest`` for 0 slots every ``transport.heartbeat_interval_s``, with its
-``sampler_id`` as ``<name>#<session>`` (one session per process, so a restart under the same
-name is seen; ``#hello`` is appended on the process's first request). A coordinator that does
-not know it (it restarted, or it called this sampler lost after ``transport.heartbeat_timeout_s``
-of silence) sends ``ActorDown`` naming it; the sampler answers with its free slots (``#slots``).
+itself: a ``WorkRequest`` for 0 slots every ``transport.heartbeat_interval_s``, and every
+request names its ``session`` (one per process, so a restart under the same name is seen; the
+process's first request has intent ``hello``). A coordinator that does not know it (it
+restarted, or it called this sampler lost after ``transport.heartbeat_timeout_s`` of silence)
+sends a ``SlotsQuery`` naming it; the sampler answers with its free slots (intent ``slots``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from espo_async.assets import load_assets
 from espo_async.runtime.actor import Actor
 from espo_async.utils import stable_seed
 from espo_async.weights import loader_for
-from protocols.messages import ActorDown, ActorUp
+from protocols.messages import ActorUp
 from protocols.trajectory import segment_trajectory
 
 
@@ -216,7 +216,7 @@ class Sampler(Actor):
     async def main(self) -> None:
         await self.started.wait()
         loops = [self._work_loop(), self._cancel_loop(), self._broadcast_loop()]
-        await self._request_work(self.capacity, tag="hello")
+        await self._request_work(self.capacity, intent="hello")
         if self.remote:
             loops.append(self._alive_loop())
         await asyncio.gather(*loops)
@@ -245,16 +245,13 @@ class Sampler(Actor):
         (those wait in the engine's queue and start as soon as a slot frees)."""
         return self.engine.max_concurrency + self.cfg.rollout.prefetch
 
-    @property
-    def work_id(self) -> str:
-        """``sampler_id`` of this process's work requests (with its session on a remote host)."""
-        return f"{self.name}#{self.session}" if self.remote else self.name
+    def _work_request(self, slots: int, intent: P.WorkIntent = "ordinary") -> P.WorkRequest:
+        """A work request of this process (naming its session on a remote host)."""
+        return P.WorkRequest(sampler=self.name, free_slots=slots, policy_version=self.version,
+                             session=self.session if self.remote else "", intent=intent)
 
-    async def _request_work(self, slots: int, tag: str = "") -> None:
-        sampler_id = f"{self.work_id}#{tag}" if tag and self.remote else self.work_id
-        await self.transport.send(
-            self.work, P.WorkRequest(sampler_id=sampler_id, free_slots=slots, policy_version=self.version)
-        )
+    async def _request_work(self, slots: int, intent: P.WorkIntent = "ordinary") -> None:
+        await self.transport.send(self.work, self._work_request(slots, intent))
 
     async def _alive_loop(self) -> None:
         """Remote host: a 0-slot work request every heartbeat interval (the coordinator's liveness:
@@ -262,17 +259,17 @@ class Sampler(Actor):
         watches and that is silent for transport.heartbeat_timeout_s)."""
         while True:
             await asyncio.sleep(self.cfg.transport.heartbeat_interval_s)  # periodic timer
-            alive = P.WorkRequest(sampler_id=self.work_id, free_slots=0, policy_version=self.version)
+            alive = self._work_request(0)
             self.transport.try_send(self.work, alive, counter="alive_dropped")
 
-    async def _announce_again(self, msg: ActorDown) -> None:
+    async def _announce_again(self, msg: P.SlotsQuery) -> None:
         """The coordinator does not know our free slots (it restarted, or it gave us up for lost
         and issued our work again): tell it. Requests still live here finish as usual; each frees
         its slot with the usual request for 1."""
         self.counters["coordinator_resyncs"] += 1
         free = max(self.capacity - len(self.live), 0)
         self.log.warning("the coordinator asked for our free slots again (%s): announcing %d", msg.reason[:200], free)
-        await self._request_work(free, tag="slots")
+        await self._request_work(free, intent="slots")
 
     async def _work_loop(self) -> None:
         while True:
@@ -293,7 +290,7 @@ class Sampler(Actor):
                 task = asyncio.create_task(self._serve(msg), name=msg.request_id)
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
-            elif isinstance(msg, ActorDown) and self.remote and msg.actor == self.name:
+            elif isinstance(msg, P.SlotsQuery) and self.remote and msg.sampler == self.name:
                 with self.guard("resync"):
                     await self._announce_again(msg)
             elif msg is not None:

@@ -8,12 +8,12 @@ the process group, get their trainer's construction arguments from rank 0, and t
     run the same PPOTrainer method     # their share of the rows, their part of the collectives
 
 Commands travel over their own gloo process group (CPU, even when DeepSpeed trains with NCCL on
-GPUs): a msgpack document (numpy arrays as raw bytes, no pickle) in a uint8 tensor, broadcast
-from rank 0 after its length. Every rank then runs the same ``PPOTrainer`` method on the same
-arguments; how a step is split over ranks (each rank's rows, gathered no-grad pass, loss scaled
-so that the averaged gradient is the one-rank gradient, metrics summed) is in trainer.py
-("data parallel"). Rank 0 sends the command from inside the operation (``PPOTrainer._op``), so
-the learner calls its trainer exactly as with one rank.
+GPUs): a msgpack document (numpy arrays as raw bytes in the protocols' array extension, no
+pickle) in a uint8 tensor, broadcast from rank 0 after its length. Every rank then runs the same
+``PPOTrainer`` method on the same arguments; how a step is split over ranks (each rank's rows,
+gathered no-grad pass, loss scaled so that the averaged gradient is the one-rank gradient,
+metrics summed) is in trainer.py ("data parallel"). Rank 0 sends the command from inside the
+operation (``PPOTrainer._op``), so the learner calls its trainer exactly as with one rank.
 
 Two ways to start the ranks (docs/cluster.md, "A learner on several ranks"):
 
@@ -59,6 +59,7 @@ import numpy as np
 
 from espo_async.training.batch import TrainSample
 from espo_async.utils import describe_exit, set_parent_death_signal, tail
+from protocols.codec import ARRAY_EXT, array_from_payload, array_payload
 
 __all__ = ["DataParallelError", "make_trainer", "serve", "encode", "decode", "main"]
 
@@ -85,9 +86,11 @@ class DataParallelError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------- codec
+# msgpack documents; a numpy array is the protocol codec's ARRAY_EXT extension (protocols/codec.py
+# array_payload, the one place that encodes arrays for msgpack), a TrainSample a tagged map.
 def _default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
-        return {"__nd__": [o.dtype.str, list(o.shape), np.ascontiguousarray(o).tobytes()]}
+        return msgpack.ExtType(ARRAY_EXT, array_payload(o))
     if isinstance(o, TrainSample):
         return {"__ts__": {f.name: getattr(o, f.name) for f in fields(TrainSample)}}
     if isinstance(o, np.generic):
@@ -97,22 +100,25 @@ def _default(o: Any) -> Any:
     raise TypeError(f"cannot send a {type(o).__name__} to the worker ranks")
 
 
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code != ARRAY_EXT:
+        raise ValueError(f"unknown msgpack extension type {code}")
+    return array_from_payload(data, copy=True)  # writeable: the trainer may change it in place
+
+
 def _hook(d: dict) -> Any:
-    if "__nd__" in d and len(d) == 1:
-        dtype, shape, raw = d["__nd__"]
-        return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
     if "__ts__" in d and len(d) == 1:
         return TrainSample(**d["__ts__"])
     return d
 
 
 def encode(obj: Any) -> bytes:
-    """msgpack with numpy arrays (dtype, shape, raw bytes) and TrainSample; no pickle."""
+    """msgpack with numpy arrays (protocols.codec's array extension) and TrainSample; no pickle."""
     return msgpack.packb(obj, default=_default, use_bin_type=True)
 
 
 def decode(data: bytes) -> Any:
-    return msgpack.unpackb(data, object_hook=_hook, raw=False, strict_map_key=False)
+    return msgpack.unpackb(data, object_hook=_hook, ext_hook=_ext_hook, raw=False, strict_map_key=False)
 
 
 # ----------------------------------------------------------------------------- the channel

@@ -62,3 +62,19 @@ def test_surrogate_regret_numpy_matches_torch_and_floats():
     np.testing.assert_allclose(g[:3], ref.numpy()[:3])
     assert np.isnan(g[3])
     assert g[1] == 0.0 and surrogate_regret(-1.0, -0.25) == pytest.approx(0.75)
+
+
+def test_numpy_arrays_are_encoded_for_msgpack_in_one_place():
+    """The learner's rank-to-rank documents carry arrays as the frame codec's array extension
+    (protocols/codec.py array_payload), not a format of their own."""
+    import msgpack
+
+    from espo_async.training import data_parallel as dp
+    from protocols.codec import ARRAY_EXT, array_payload
+
+    arr = np.arange(6, dtype=">f4").reshape(2, 3)  # big-endian: normalised the same way
+    assert msgpack.unpackb(dp.encode(arr)) == msgpack.ExtType(ARRAY_EXT, array_payload(arr))
+    back = dp.decode(dp.encode({"a": arr}))["a"]
+    assert back.dtype == np.dtype("<f4") and np.array_equal(back, arr) and back.flags.writeable
+    with pytest.raises(TypeError, match="cannot travel"):
+        dp.encode(np.array(["text"]))

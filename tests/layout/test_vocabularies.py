@@ -16,6 +16,7 @@ from espo_async.core import (
     BetaController,
     Ending,
     HazardController,
+    STOP_KINDS,
     RegretNormalizer,
     StopController,
     StopSnapshot,
@@ -24,28 +25,87 @@ from espo_async.core import (
 from protocols import messages as M
 
 
-def test_stop_kinds_agree():
-    assert typing.get_args(StopConfig.model_fields["policy"].annotation) == K.STOP_KINDS
-    assert typing.get_args(M.StopKind) == K.STOP_KINDS
-    assert typing.get_args(typing.get_type_hints(M.StopParams)["kind"]) == K.STOP_KINDS
+def _declarations() -> dict[str, dict[str, tuple]]:
+    """Every declaration of each shared vocabulary, by vocabulary and place."""
+    from espo_async.core import stop_policies
+
+    def literal(tp) -> tuple:
+        return tuple(a for a in typing.get_args(tp) if a is not type(None))
+
+    def hint(cls, field: str) -> tuple:
+        args = typing.get_args(typing.get_type_hints(cls)[field])
+        return tuple(x for a in args for x in (typing.get_args(a) or (a,)) if x is not type(None))
+
+    return {
+        "stop kinds": {
+            "espo_async/constants.py STOP_KINDS": K.STOP_KINDS,
+            "espo_async/config.py StopConfig.policy": literal(StopConfig.model_fields["policy"].annotation),
+            "espo_async/core STOP_KINDS": STOP_KINDS,
+            "espo_async/core stop policy classes": tuple(stop_policies._POLICIES),
+            "protocols StopKind": literal(M.StopKind),
+            "protocols StopParams.kind": literal(typing.get_type_hints(M.StopParams)["kind"]),
+        },
+        "trajectory endings": {
+            "espo_async/constants.py ENDINGS": K.ENDINGS,
+            "espo_async/core Ending": tuple(e.value for e in Ending),
+            "protocols Ending": literal(M.Ending),
+            "protocols Trajectory.ending": hint(M.Trajectory, "ending"),
+            "protocols StreamEnd.ending": hint(M.StreamEnd, "ending"),
+            "protocols WorkDone.ending": hint(M.WorkDone, "ending"),
+        },
+        "stop-snapshot fields": {
+            "espo_async/core StopSnapshot": tuple(f.name for f in dataclasses.fields(StopSnapshot)),
+            "espo_async/core StopSnapshot.to_dict": tuple(StopSnapshot().to_dict()),
+            "espo_async/core StopSnapshot.from_dict": tuple(stop_policies._PLAIN),
+            "protocols StopParams": M.StopParams.__struct_fields__,
+        },
+    }
+
+
+def test_every_declaration_of_a_shared_vocabulary_holds_the_same_values():
+    """The stop kinds, the trajectory endings and the stop-snapshot fields are declared in the
+    config, the core and the protocols: a value one place gains and another lacks fails here,
+    naming both."""
+    problems = []
+    for vocabulary, places in _declarations().items():
+        every = set().union(*map(set, places.values()))
+        for place, values in places.items():
+            if len(set(values)) != len(values):
+                problems.append(f"{vocabulary}: {place} lists a value twice: {values}")
+            if missing := every - set(values):
+                having = [p for p, v in places.items() if missing & set(v)]
+                problems.append(f"{vocabulary}: {place} lacks {sorted(missing)} (declared in {having})")
+    assert not problems, "\n".join(problems)
+    # In the same order, where the order is part of the declaration (Literals, the wire's fields).
+    decl = _declarations()
+    for place in ("espo_async/config.py StopConfig.policy", "protocols StopKind", "protocols StopParams.kind"):
+        assert decl["stop kinds"][place] == K.STOP_KINDS, place
+    assert decl["trajectory endings"]["protocols Ending"] == decl["trajectory endings"]["espo_async/core Ending"] == K.ENDINGS
+    assert list(M.StopParams.__struct_fields__) == [f.name for f in dataclasses.fields(StopSnapshot)]
+    # The policy groups are stop kinds.
     for group in (K.VALUE_STOP_KINDS, K.REGRET_STOP_KINDS, K.BETA_STOP_KINDS, K.HAZARD_STOP_KINDS):
         assert set(group) <= set(K.STOP_KINDS)
     assert "none" not in K.BETA_STOP_KINDS + K.HAZARD_STOP_KINDS
     assert not set(K.BETA_STOP_KINDS) & set(K.HAZARD_STOP_KINDS)
-
-
-def test_endings_agree():
-    assert tuple(e.value for e in Ending) == K.ENDINGS
-    assert typing.get_args(M.Ending) == K.ENDINGS
-
-
-def test_stop_snapshot_fields_agree_with_stop_params():
-    snap = [f.name for f in dataclasses.fields(StopSnapshot)]
-    params = list(M.StopParams.__struct_fields__)
-    assert params == snap
-    # the two conversions round-trip
+    # The two conversions of a stop snapshot round-trip.
     s = StopSnapshot(kind="value_only", enabled=True, mu=0.5, step=3)
     assert StopSnapshot.from_dict(msgspec.structs.asdict(P.StopParams(**s.to_dict()))) == s
+
+
+def test_the_vocabulary_check_names_a_place_that_lacks_a_value(monkeypatch):
+    """The check above is not vacuous: one place gaining a value fails it."""
+    import pytest
+
+    real = _declarations
+
+    def one_more():
+        decl = real()
+        decl["stop kinds"]["protocols StopKind"] += ("early_exit",)
+        return decl
+
+    monkeypatch.setitem(globals(), "_declarations", one_more)
+    with pytest.raises(AssertionError, match=r"config.py StopConfig.policy lacks \['early_exit'\]"):
+        test_every_declaration_of_a_shared_vocabulary_holds_the_same_values()
 
 
 def test_paper_constants_have_one_source():

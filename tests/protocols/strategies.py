@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import numpy as np
 from hypothesis import strategies as st
 
@@ -11,7 +13,7 @@ from protocols.messages import ActorDown, ActorUp, Received
 ids = st.text(min_size=1, max_size=24)
 nonneg = st.integers(min_value=0, max_value=2**31 - 1)
 floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
-endings = st.sampled_from(["finished", "absorbed", "truncated", "incomplete"])
+endings = st.sampled_from(typing.get_args(P.Ending))
 
 
 def int_array(n: int) -> st.SearchStrategy[np.ndarray]:
@@ -119,7 +121,7 @@ def trajectory(draw):
 
 stop_params = st.builds(
     P.StopParams,
-    kind=st.sampled_from(["espo", "none", "random", "value_only", "regret_only"]),
+    kind=st.sampled_from(typing.get_args(P.messages.StopKind)),
     enabled=st.booleans(),
     mu=floats,
     var=floats,
@@ -135,7 +137,9 @@ stop_params = st.builds(
 )
 
 STRATEGIES = {
-    P.WorkRequest: st.builds(P.WorkRequest, sampler_id=ids, free_slots=nonneg, policy_version=nonneg),
+    P.WorkRequest: st.builds(P.WorkRequest, sampler=ids, free_slots=nonneg, policy_version=nonneg,
+                             session=st.text(max_size=16), intent=st.sampled_from(typing.get_args(P.WorkIntent))),
+    P.SlotsQuery: st.builds(P.SlotsQuery, sampler=ids, reason=st.text(max_size=20)),
     P.PromptWork: prompt_work(),
     P.WorkDone: st.builds(P.WorkDone, sampler_id=ids, request_id=ids, ending=st.none() | endings, n_tokens=nonneg, error=st.text(max_size=20)),
     P.TokenChunk: token_chunk(),

@@ -308,25 +308,42 @@ def _as_version(frame: bytes, version: int) -> bytes:
     return msgpack.packb([version, kind, body], use_bin_type=True)
 
 
-@given(st.one_of(*(s for cls, s in STRATEGIES.items() if cls is not P.TokenBatch)))
-def test_version_1_frames_of_kinds_it_had_still_decode(msg):
-    """Version 2 only added TokenBatch: a version-1 frame (e.g. a record of an older run's
-    trajectory log) decodes to the same message."""
-    old = _as_version(P.encode(msg), 1)
-    assert P.kind_of(old) == msg.KIND
-    assert P.encode(P.decode(old)) == P.encode(msg)
-
-
-def test_a_version_1_frame_cannot_hold_a_token_batch():
-    frame = _as_version(P.encode(P.TokenBatch(**_batch_fields())), 1)
+@given(MESSAGES, st.sampled_from([1, 2]))
+def test_frames_of_schema_1_and_2_are_refused(msg, version):
+    """Schema 3 changed WorkRequest (typed sampler, session and intent) and added SlotsQuery: a
+    frame of an older schema, of any kind, is refused with the codec's unsupported-version error."""
+    old = _as_version(P.encode(msg), version)
     for read in (P.decode, P.kind_of):
-        with pytest.raises(P.ProtocolError, match="'token_batch' needs schema version 2, the frame says 1"):
-            read(frame)
+        with pytest.raises(P.ProtocolError, match=f"unsupported schema version {version} .*reads 3..3"):
+            read(old)
+
+
+def test_a_schema_2_work_request_with_a_tagged_sampler_id_is_refused():
+    """What a sampler of the previous build sends: its session and "hello" inside sampler_id."""
+    frame = msgpack.packb([2, "work_request", ["sampler-0@hostA#1f-2a#hello", 4, 0]], use_bin_type=True)
+    with pytest.raises(P.ProtocolError, match="unsupported schema version 2"):
+        P.decode(frame)
+
+
+def test_work_request_fields_say_what_it_is():
+    req = P.WorkRequest(sampler="sampler-0@hostA", free_slots=4, policy_version=0, session="1f-2a", intent="hello")
+    back = P.decode(P.encode(req))
+    assert (back.sampler, back.session, back.intent, back.free_slots) == ("sampler-0@hostA", "1f-2a", "hello", 4)
+    plain = P.decode(P.encode(P.WorkRequest(sampler="sampler-0", free_slots=1, policy_version=0)))
+    assert (plain.session, plain.intent) == ("", "ordinary")
+    body = msgpack.unpackb(P.encode(req), raw=False)[2]
+    body[4] = "goodbye"
+    with pytest.raises(P.ProtocolError, match="invalid work_request"):
+        P.decode(msgpack.packb([P.SCHEMA_VERSION, "work_request", body], use_bin_type=True))
+    query = P.decode(P.encode(P.SlotsQuery(sampler="sampler-0@hostA", reason="restarted")))
+    assert isinstance(query, P.SlotsQuery) and query.sampler == "sampler-0@hostA"
 
 
 @settings(max_examples=20)
 @given(st.lists(trajectory(), min_size=1, max_size=3), trajectory())
-def test_a_trajectory_log_of_version_1_records_is_kept_and_replayed(old, new):
+def test_a_trajectory_log_of_schema_2_records_is_not_replayed(old, new):
+    """A log written by the previous build: its records are refused like any schema-2 frame, so
+    opening the log cuts it at the first one (all of it) and what is appended after stays readable."""
     import struct
     import tempfile
     from pathlib import Path
@@ -335,12 +352,13 @@ def test_a_trajectory_log_of_version_1_records_is_kept_and_replayed(old, new):
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trajectories.log"
-        frames = [_as_version(P.encode(t), 1) for t in old]
+        frames = [_as_version(P.encode(t), 2) for t in old]
         path.write_bytes(b"".join(struct.pack("<I", len(f)) + f for f in frames))
-        log = TrajectoryLog(path)  # opening it cuts only a damaged tail: nothing here
+        assert list(replay(path)) == []
+        log = TrajectoryLog(path)
         log.append(new)
         log.close()
-        assert [P.encode(t) for t in replay(path)] == [P.encode(t) for t in old + [new]]
+        assert [P.encode(t) for t in replay(path)] == [P.encode(new)]
 
 
 def test_kind_of_reads_the_tag_without_the_body():

@@ -310,7 +310,7 @@ async def test_coordinator_ignores_bad_reports_and_keeps_handing_out_work(tmp_pa
                 await dealer.send(msg if isinstance(msg, bytes) else P.encode(msg))
 
             # A sampler that claims a million free slots is capped.
-            await send(P.WorkRequest(sampler_id="sampler-0", free_slots=1_000_000, policy_version=0))
+            await send(P.WorkRequest(sampler="sampler-0", free_slots=1_000_000, policy_version=0))
             await until(h, lambda c: c.get("credits_capped") == 1, "the credit claim capped")
             # An implausible learner boundary is ignored (no work before a plausible one).
             hb = await broadcast_until(h, boundary(step=10**6, version=3, groups=10**9),
@@ -358,7 +358,7 @@ async def test_coordinator_ignores_bad_reports_and_keeps_handing_out_work(tmp_pa
             hb = await broadcast_until(h, Received(request_ids=[first.request_id, "never-issued"], epoch="e1"),
                                        lambda c: c.get("acknowledged") == 1, "the acknowledgement")
             assert hb.counters["unacknowledged"] == 0
-            await send(P.WorkRequest(sampler_id="sampler-0", free_slots=1, policy_version=0))
+            await send(P.WorkRequest(sampler="sampler-0", free_slots=1, policy_version=0))
             async with asyncio.timeout(30):
                 nxt = P.decode(await dealer.recv())
             assert isinstance(nxt, P.PromptWork) and nxt.request_id != first.request_id

@@ -63,7 +63,7 @@ async def test_a_strangers_work_request_is_reclaimed_when_it_goes_silent(tmp_pat
             s.connect(h.addresses["work"])
         alive = None
         try:
-            await stranger.send(P.encode(P.WorkRequest(sampler_id="not-a-sampler", free_slots=2, policy_version=0)))
+            await stranger.send(P.encode(P.WorkRequest(sampler="not-a-sampler", free_slots=2, policy_version=0)))
             first = await first_work_after_boundary(h, stranger)  # the learner speaks: work flows to the stranger
             async with asyncio.timeout(10):
                 second = P.decode(await stranger.recv())
@@ -73,10 +73,10 @@ async def test_a_strangers_work_request_is_reclaimed_when_it_goes_silent(tmp_pat
             # A real sampler: asks for work, keeps saying it is alive (as every sampler does).
             async def keep_alive():
                 while True:
-                    await sampler.send(P.encode(P.WorkRequest(sampler_id="sampler-0", free_slots=0, policy_version=0)))
+                    await sampler.send(P.encode(P.WorkRequest(sampler="sampler-0", free_slots=0, policy_version=0)))
                     await asyncio.sleep(0.1)  # the sampler's periodic liveness request, not synchronisation
 
-            await sampler.send(P.encode(P.WorkRequest(sampler_id="sampler-0", free_slots=4, policy_version=0)))
+            await sampler.send(P.encode(P.WorkRequest(sampler="sampler-0", free_slots=4, policy_version=0)))
             alive = asyncio.create_task(keep_alive())
             got: dict[str, P.PromptWork] = {}
             async with asyncio.timeout(timeout_s + 30):

@@ -16,7 +16,6 @@ from actors.coordinator import Coordinator, Outstanding
 from espo_async.config import ConfigError, parse_config
 from espo_async.runtime.entry import actor_instances
 from espo_async.runtime.transport import CONTROL_ENDPOINTS, ENDPOINTS, joined_addresses, resolve_addresses
-from protocols.messages import ActorDown
 
 
 def test_cluster_config_names_roles_and_checks_placement():
@@ -92,19 +91,20 @@ def work(rid: str) -> P.PromptWork:
                         issued_at_version=0)
 
 
-def request(c: Coordinator, ident: bytes, sampler_id: str, slots: int) -> None:
-    """What the work loop does with a WorkRequest (without dispatching)."""
-    s = c._remote_request(ident, P.WorkRequest(sampler_id=sampler_id, free_slots=slots, policy_version=0))
+def request(c: Coordinator, ident: bytes, session: str, slots: int, intent: P.WorkIntent = "ordinary") -> None:
+    """What the work loop does with a WorkRequest of a sampler on another host (without dispatching)."""
+    msg = P.WorkRequest(sampler=ident.decode(), free_slots=slots, policy_version=0, session=session, intent=intent)
+    s = c._remote_request(ident, msg)
     c.credits[ident] = c.credits.get(ident, 0) + (s or 0)
 
 
 def test_remote_sampler_hello_restart_and_asking_for_slots():
     c = coordinator()
     a = b"sampler-0@hostA"
-    request(c, a, "sampler-0@hostA#s1#hello", 4)
+    request(c, a, "s1", 4, intent="hello")
     assert c.credits[a] == 4 and not c.transport.sent
-    request(c, a, "sampler-0@hostA#s1", 0)  # alive
-    request(c, a, "sampler-0@hostA#s1", 1)  # a slot came free
+    request(c, a, "s1", 0)  # alive
+    request(c, a, "s1", 1)  # a slot came free
     assert c.credits[a] == 5
 
     # Restarted under the same name (a new session): the old process's work is issued again.
@@ -112,7 +112,7 @@ def test_remote_sampler_hello_restart_and_asking_for_slots():
     c.outstanding["g0/p#1"] = Outstanding(work("g0/p#1"), a, delivered=True)
     c.delivered = 1
     c.outstanding["g0/p#2"] = Outstanding(work("g0/p#2"), b"other")
-    request(c, a, "sampler-0@hostA#s2#hello", 4)
+    request(c, a, "s2", 4, intent="hello")
     assert c.counters["samplers_restarted"] == 1 and c.counters["reissued_after_loss"] == 2
     assert list(c.outstanding) == ["g0/p#2"] and c.delivered == 0 and c.credits[a] == 4
     assert [w.attempt for w in c.queue] == [1, 1]
@@ -120,22 +120,22 @@ def test_remote_sampler_hello_restart_and_asking_for_slots():
     # A session it never said hello in (the coordinator restarted, or gave it up): ask for its
     # free slots; its requests until the answer are not counted; the answer sets the credit.
     c2 = coordinator()
-    request(c2, a, "sampler-0@hostA#s1", 1)
+    request(c2, a, "s1", 1)
     assert c2.credits[a] == 0 and a in c2.asked
     peer, msg = c2.transport.sent[0]
-    assert peer == a and isinstance(msg, ActorDown) and msg.actor == "sampler-0@hostA"
-    request(c2, a, "sampler-0@hostA#s1", 1)
-    request(c2, a, "sampler-0@hostA#s1#slots", 3)
+    assert peer == a and isinstance(msg, P.SlotsQuery) and msg.sampler == "sampler-0@hostA"
+    request(c2, a, "s1", 1)
+    request(c2, a, "s1", 3, intent="slots")
     assert c2.credits[a] == 3 and a not in c2.asked
-    request(c2, a, "sampler-0@hostA#s1#slots", 3)  # a second answer (asked twice): counted once
+    request(c2, a, "s1", 3, intent="slots")  # a second answer (asked twice): counted once
     assert c2.credits[a] == 3 and c2.counters["slot_answers_ignored"] == 1
-    request(c2, a, "sampler-0@hostA#s1", 1)
+    request(c2, a, "s1", 1)
     assert c2.credits[a] == 4
 
     # Unroutable when asked: asked again on its next request.
     c3 = coordinator()
     c3.transport = FakeTransport(routable=False)
-    request(c3, a, "sampler-0@hostA#s1", 0)
+    request(c3, a, "s1", 0)
     assert a not in c3.asked and a not in c3.sessions
 
 
@@ -144,7 +144,7 @@ async def test_a_silent_remote_sampler_is_lost_and_its_work_issued_again():
 
     c = coordinator(timeout_s=0.5)
     a = b"sampler-0@hostA"
-    request(c, a, "sampler-0@hostA#s1#hello", 2)
+    request(c, a, "s1", 2, intent="hello")
     c.alive[a] = time.monotonic()
     c.outstanding["g0/p#0"] = Outstanding(work("g0/p#0"), a)
     c._dispatch = lambda: None

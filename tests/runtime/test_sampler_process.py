@@ -263,3 +263,37 @@ async def test_prefetch_holds_more_work_than_slots_and_runs_it_all(tmp_path, tin
             if isinstance(msg, P.WorkRequest):
                 credits.append(msg.free_slots)
         assert credits == [1, 1, 1]
+
+
+async def test_a_remote_sampler_names_its_session_and_answers_a_slots_query(tmp_path, tiny_model_dir):
+    """On a host without the coordinator (cluster.roles) every work request names the process's
+    session: the first one says hello, the periodic 0-slot ones are ordinary, and a SlotsQuery
+    naming the sampler is answered with its free slots (intent slots). An ActorDown on the work
+    socket asks nothing."""
+    from protocols.messages import ActorDown
+
+    cfg = parse_config(
+        {
+            "task": TASK,
+            "rollout": {"max_tokens": 40, "samples_per_prompt": 2},
+            "actors": {"sampler": {"class": "actors.samplers.fake:FakeSampler",
+                                   "options": {"max_concurrency": 2, "chunk_tokens": 1}}},
+            "transport": {"heartbeat_interval_s": 0.1},
+            "cluster": {"roles": ["sampler"]},
+        }
+    )
+    async with ActorHarness(cfg, tmp_path, "sampler-0", binds=BINDS, assets=_assets(tiny_model_dir)) as h:
+        await h.start()
+        ident, hello = await h.recv_routed("work", timeout=30)
+        assert isinstance(hello, P.WorkRequest) and (hello.sampler, hello.intent, hello.free_slots) == ("sampler-0", "hello", 2)
+        assert hello.session
+        (_, alive), _ = await h.recv_until("work", lambda m: isinstance(m, P.WorkRequest), routed=True)
+        assert (alive.intent, alive.session, alive.free_slots) == ("ordinary", hello.session, 0)
+        await h.send_to("work", ident, ActorDown(actor="sampler-0", role="sampler", incarnation=0))
+        await h.send_to("work", ident, P.SlotsQuery(sampler="sampler-1", reason="not this one"))
+        await h.send_to("work", ident, P.SlotsQuery(sampler="sampler-0", reason="the coordinator restarted"))
+        (_, answer), _ = await h.recv_until(
+            "work", lambda m: isinstance(m, P.WorkRequest) and m.intent == "slots", routed=True)
+        assert (answer.sampler, answer.session, answer.free_slots) == ("sampler-0", hello.session, 2)
+        hb = await h.wait_heartbeat(lambda hb: hb.counters.get("coordinator_resyncs") == 1)
+        assert hb.counters.get("unexpected_messages") == 2  # the ActorDown and the query for another sampler

@@ -87,7 +87,7 @@ async def test_two_transports_with_the_runs_keys_talk_encrypted(key_dir):
 
         # ROUTER -> DEALER by routing id (the cancel path), once the DEALER has connected.
         cancel = P.Cancel(request_id="r1", sampler_id="sampler-0", stop_index=2)
-        await client.send(dealer, P.WorkRequest(sampler_id="sampler-0", free_slots=1, policy_version=0))
+        await client.send(dealer, P.WorkRequest(sampler="sampler-0", free_slots=1, policy_version=0))
         async with asyncio.timeout(20):
             ident, hello = await server.recv_routed(router, "client")
         assert ident == b"sampler-0" and isinstance(hello, P.WorkRequest)
@@ -152,7 +152,7 @@ async def test_an_unauthorized_client_key_cannot_inject_a_frame(key_dir, tmp_pat
                 s.connect(addresses[endpoint])
                 socks.append(s)
             for s in socks:
-                await s.send(P.encode(P.WorkRequest(sampler_id="sampler-0", free_slots=4096, policy_version=0)), flags=zmq.NOBLOCK)
+                await s.send(P.encode(P.WorkRequest(sampler="sampler-0", free_slots=4096, policy_version=0)), flags=zmq.NOBLOCK)
             await wait_counter(server, "auth_failures", at_least=2)
             await nothing_arrives(server, pull)
             with pytest.raises(TimeoutError):
@@ -266,7 +266,7 @@ async def test_curve_auto_is_one_switch_that_protects_a_whole_run_on_loopback(tm
 
         async def ask_for_work():
             while True:
-                await stranger.send(P.encode(P.WorkRequest(sampler_id="stranger", free_slots=4, policy_version=0)))
+                await stranger.send(P.encode(P.WorkRequest(sampler="stranger", free_slots=4, policy_version=0)))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.2):  # the stranger's polling period, not synchronisation
                         got.append(await stranger.recv())
