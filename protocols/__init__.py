@@ -3,8 +3,10 @@
 from protocols.codec import (
     ALLOWED_DTYPES,
     DEFAULT_MAX_FRAME_BYTES,
+    OLDEST_READABLE_VERSION,
     SCHEMA_VERSION,
     ProtocolError,
+    UnsupportedVersion,
     decode,
     encode,
     kind_of,
@@ -37,6 +39,7 @@ from protocols.messages import (
 __all__ = [
     "ALLOWED_DTYPES",
     "DEFAULT_MAX_FRAME_BYTES",
+    "OLDEST_READABLE_VERSION",
     "SCHEMA_VERSION",
     "MESSAGE_TYPES",
     "BatchBoundary",
@@ -47,6 +50,7 @@ __all__ = [
     "Message",
     "PromptWork",
     "ProtocolError",
+    "UnsupportedVersion",
     "Shutdown",
     "SlotsQuery",
     "Start",

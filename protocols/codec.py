@@ -30,8 +30,8 @@ hello, slots) in fields of their own instead of ``sampler_id`` = ``<name>#<sessi
 and the coordinator asks a sampler for its free slots with a kind of its own (``SlotsQuery``, kind
 ``slots_query``) instead of an ``ActorDown`` on the work socket. A changed message: frames of
 versions 1 and 2 are refused (``unsupported schema version``), so every actor of a run must run
-this build, and a learner's trajectory log written by an older build is not replayed (opening
-it cuts the log at its first record it cannot read, i.e. all of it)."""
+this build, and a learner's trajectory log written by an older build is refused with an error
+that says so (``TrajectoryLogVersionError``; the log is left as it is)."""
 
 OLDEST_READABLE_VERSION = 3
 """Frames from this version up to ``SCHEMA_VERSION`` decode (each kind from the version that
@@ -60,6 +60,14 @@ ALLOWED_DTYPES = frozenset(
 
 class ProtocolError(ValueError):
     """A frame could not be decoded into a valid message; the message says why."""
+
+
+class UnsupportedVersion(ProtocolError):
+    """A well-formed frame of a schema version this build does not read (``.version``)."""
+
+    def __init__(self, message: str, version: int):
+        super().__init__(message)
+        self.version = version
 
 
 KINDS: dict[str, type[Message]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
@@ -190,9 +198,9 @@ def kind_of(frame: bytes) -> str:
 
 def _check_version(version: int, kind: str) -> None:
     if not OLDEST_READABLE_VERSION <= version <= SCHEMA_VERSION:
-        raise ProtocolError(
+        raise UnsupportedVersion(
             f"unsupported schema version {version} (this build speaks {SCHEMA_VERSION} and reads "
-            f"{OLDEST_READABLE_VERSION}..{SCHEMA_VERSION})"
+            f"{OLDEST_READABLE_VERSION}..{SCHEMA_VERSION})", version
         )
     if version < KIND_SINCE.get(kind, OLDEST_READABLE_VERSION):
         raise ProtocolError(f"message kind {kind!r} needs schema version {KIND_SINCE[kind]}, the frame says {version}")

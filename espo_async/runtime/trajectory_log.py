@@ -4,7 +4,10 @@ Each record is ``[4-byte little-endian length][frame]`` where the frame is the p
 encoding of the ``Trajectory``. A torn last record (crash mid-write) is ignored on replay and cut
 off when the log is opened again (so later records stay readable). Every record reaches the OS
 before ``append`` returns (a killed process loses nothing it appended); ``fsync`` every
-``fsync_every`` records bounds what a machine crash can lose.
+``fsync_every`` records bounds what a machine crash can lose. A log whose first record is a
+well-formed frame of a schema version this build does not read was written by another build; it
+is not damage: opening or replaying it raises ``TrajectoryLogVersionError`` and leaves the file
+untouched.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from pathlib import Path
 import protocols as P
 
 _LEN = struct.Struct("<I")
+
+
+class TrajectoryLogVersionError(RuntimeError):
+    """The log holds records of a protocol schema version this build cannot read."""
 
 
 class TrajectoryLog:
@@ -76,6 +83,13 @@ def _records(path: Path) -> Iterator[tuple[int, P.Message]]:
             return  # torn record at the end
         try:
             msg = P.decode(data[pos + _LEN.size : end])
+        except P.UnsupportedVersion as exc:
+            if pos:  # a later record: damage (its version byte), cut like any other
+                return
+            raise TrajectoryLogVersionError(
+                f"{path} was written with protocol schema version {exc.version}, and "
+                f"this build reads {P.OLDEST_READABLE_VERSION}..{P.SCHEMA_VERSION}: resume this run with the "
+                f"build that wrote it, or start a new run (the log is left as it is)") from None
         except P.ProtocolError:
             return  # corruption: stop at the last good record
         yield end, msg

@@ -24,7 +24,7 @@ import pytest
 from hypothesis.errors import NonInteractiveExampleWarning
 
 import protocols as P
-from espo_async.runtime.trajectory_log import TrajectoryLog, replay
+from espo_async.runtime.trajectory_log import TrajectoryLog, TrajectoryLogVersionError, replay
 from protocols.codec import KINDS
 from tests.protocols.strategies import STRATEGIES, trajectory
 
@@ -217,9 +217,23 @@ def test_valid_seed_frames_of_every_kind_decode():
             assert _check(frame) == "ok", kind
 
 
+def _first_record_of_another_schema(data: bytes) -> bool:
+    if len(data) < 4 or struct.unpack_from("<I", data)[0] + 4 > len(data):
+        return False
+    try:
+        P.decode(data[4:4 + struct.unpack_from("<I", data)[0]])
+    except P.UnsupportedVersion:
+        return True
+    except P.ProtocolError:
+        pass
+    return False
+
+
 def test_corrupted_write_ahead_logs_replay_only_whole_trajectories(tmp_path):
     """The learner's log is a decoder too: a torn or corrupted log yields the records before the
-    damage, never raises, and reopening it cuts the damage off so appends stay readable."""
+    damage and reopening it cuts the damage off so appends stay readable. It raises only where the
+    damage turned the first record into a well-formed frame of another schema version, which is
+    what a log of another build looks like (refused, not cut: test_codec.py)."""
     rng = random.Random(7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonInteractiveExampleWarning)
@@ -237,6 +251,10 @@ def test_corrupted_write_ahead_logs_replay_only_whole_trajectories(tmp_path):
             data[rng.randrange(len(data)) :] = rng.randbytes(rng.randrange(0, 64))
         path = tmp_path / f"log-{i}"
         path.write_bytes(bytes(data))
+        if _first_record_of_another_schema(bytes(data)):  # damage that reads as another build's log
+            with pytest.raises(TrajectoryLogVersionError):
+                list(replay(path))
+            continue
         out = list(replay(path))
         assert all(isinstance(t, P.Trajectory) for t in out)
         assert len(out) <= len(trajs)
