@@ -35,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 from espo_async.config import merge_config, parse_config
+from espo_async.eval_stats import t95
 from espo_async.runtime.entry import validate_actors
 from espo_async.utils import read_jsonl as _read_jsonl
 
@@ -159,6 +160,10 @@ def run_result(run_dir: Path) -> dict:
     shadows = read_jsonl(run_dir / "shadow.jsonl")
     wall = json.loads((run_dir / "wallclock.json").read_text()) if (run_dir / "wallclock.json").is_file() else {}
     cum = {0: 0.0, **{r["step"]: r.get("cumulative_tokens", 0.0) for r in rows}}
+    # wall-clock of training: seconds from the first learner step's record (start-up and warm-up
+    # excluded, they are the same for every method)
+    t_first = rows[0].get("time", math.nan) if rows else math.nan
+    secs = {0: 0.0, **{r["step"]: r.get("time", math.nan) - t_first for r in rows}}
     # rollouts that ended in the step (in T-PPO window mode n_samples counts window rows)
     ended = [r.get("window_finals", r.get("n_samples", 0)) for r in rows]
     n = sum(ended)
@@ -175,7 +180,8 @@ def run_result(run_dir: Path) -> dict:
         "entropy_final": rows[-1].get("entropy", math.nan) if rows else math.nan,
         "wallclock_s": wall.get("wallclock_s", math.nan),
         "steps": rows[-1]["step"] if rows else 0,
-        "curve": [{"step": e["step"], "tokens": cum.get(e["step"], math.nan), "accuracy": e["accuracy"]} for e in evals],
+        "curve": [{"step": e["step"], "tokens": cum.get(e["step"], math.nan), "seconds": secs.get(e["step"], math.nan),
+                   "accuracy": e["accuracy"]} for e in evals],
         "series": {
             key: [r.get(key, math.nan) for r in rows]
             for key in ("stop_rate", "beta", "entropy", "cumulative_tokens", "reward", "critic_loss")
@@ -195,12 +201,20 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 # -- report ----------------------------------------------------------------------------------
 
 
-def fmt(m: float, sd: float, digits: int = 3, scale: float = 1.0) -> str:
+def ci95(sd: float, n: int) -> float:
+    """Half-width of the 95% confidence interval of a mean over ``n`` seeds with standard
+    deviation ``sd`` (Student's t; NaN for one seed)."""
+    return t95(n) * sd / math.sqrt(n) if n > 1 and not math.isnan(sd) else math.nan
+
+
+def fmt(m: float, sd: float, digits: int = 3, scale: float = 1.0, n: int | None = None) -> str:
+    """``mean ± spread``: the 95% interval's half-width when ``n`` (seeds) is given, else ``sd``."""
     if math.isnan(m):
         return "-"
-    if math.isnan(sd):
+    spread = ci95(sd, n) if n is not None else sd
+    if math.isnan(spread):
         return f"{m * scale:.{digits}f}"
-    return f"{m * scale:.{digits}f} ± {sd * scale:.{digits}f}"
+    return f"{m * scale:.{digits}f} ± {spread * scale:.{digits}f}"
 
 
 def write_report(results: dict, report: Path, command: str, base_cfg: Path) -> None:
@@ -226,13 +240,15 @@ def write_report(results: dict, report: Path, command: str, base_cfg: Path) -> N
             continue
         tok_m = a["cumulative_tokens"][0]
         rel = f"{(tok_m / ppo_tokens - 1) * 100:+.1f}%" if ppo_tokens == ppo_tokens and ppo_tokens else "-"
+        n = a.get("seeds", 1)
         lines.append(
-            f"| {label} | {a.get('seeds', '-')} | {fmt(*a['final_accuracy'])} | {fmt(*a.get('late_accuracy', (math.nan, math.nan)))} | "
-            f"{fmt(*a['delta_accuracy'], digits=3)} | "
-            f"{fmt(*a['cumulative_tokens'], digits=0)} | {rel} | {fmt(*a['stop_rate'])} | "
-            f"{fmt(*a['false_positive_rate'])} | {fmt(*a['entropy_final'])} | {fmt(*a['wallclock_s'], digits=0)} |"
+            f"| {label} | {n} | {fmt(*a['final_accuracy'], n=n)} | {fmt(*a.get('late_accuracy', (math.nan, math.nan)), n=n)} | "
+            f"{fmt(*a['delta_accuracy'], digits=3, n=n)} | "
+            f"{fmt(*a['cumulative_tokens'], digits=0, n=n)} | {rel} | {fmt(*a['stop_rate'], n=n)} | "
+            f"{fmt(*a['false_positive_rate'], n=n)} | {fmt(*a['entropy_final'], n=n)} | {fmt(*a['wallclock_s'], digits=0, n=n)} |"
         )
-    lines += ["", "Values are mean ± standard deviation over seeds (no spread shown for a single seed).", ""]
+    lines += ["", "Values are the mean over seeds ± the half-width of its 95% confidence interval (Student's t over "
+              "seeds; no interval for a single seed). evidence.json keeps each column's [mean, standard deviation].", ""]
     for p in plots:
         lines.append(f"![{p.stem}](results/{p.name})")
     lines.append("")
@@ -270,6 +286,26 @@ def draw(results: dict, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=6.5, title="method (seeds)", title_fontsize=7)
     fig.tight_layout()
     paths.append(out_dir / "accuracy_vs_tokens.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for method, (label, _) in METHODS.items():
+        curves = [r["curve"] for r in results["runs"].get(method, {}).values() if r["curve"]]
+        curves = [c for c in curves if all("seconds" in p for p in c)]
+        if not curves:
+            continue
+        k = min(len(c) for c in curves)
+        xs = [sum(c[i]["seconds"] for c in curves) / len(curves) for i in range(k)]
+        ys = [sum(c[i]["accuracy"] for c in curves) / len(curves) for i in range(k)]
+        colour, line = style[method]
+        ax.plot(xs, ys, marker="o", markersize=3, color=colour, linestyle=line, label=f"{label} ({len(curves)})")
+    ax.set_xlabel("seconds since the first learner step")
+    ax.set_ylabel("held-out accuracy (pass@1, mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, title="method (seeds)", title_fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "accuracy_vs_wallclock.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 

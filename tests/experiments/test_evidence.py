@@ -44,7 +44,7 @@ def test_quick_fake_sweep_writes_the_report(tmp_path):
         assert f"| {METHODS[method][0]} |" in text, method  # one row per method
     results = json.loads((tmp_path / "docs" / "results" / "evidence.json").read_text())
     assert set(results["aggregate"]) == set(RUN_IN_CI)
-    for png in ("accuracy_vs_tokens", "stop_rate", "beta", "entropy"):
+    for png in ("accuracy_vs_tokens", "accuracy_vs_wallclock", "stop_rate", "beta", "entropy"):
         assert (tmp_path / "docs" / "results" / f"{png}.png").stat().st_size > 0
     assert "experiments/evidence.py --quick --fake" in text  # the command that regenerates it
     # A finished run is not run again (an interrupted sweep resumes).
