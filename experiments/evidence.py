@@ -372,6 +372,7 @@ def main() -> int:
     ap.add_argument("--report", type=Path, default=ROOT / "docs" / "results.md")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
+    args.config = args.config.resolve()  # the report names it relative to the repository
 
     from espo_async.config import apply_override
 
