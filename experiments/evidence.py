@@ -260,6 +260,34 @@ def write_report(results: dict, report: Path, command: str, base_cfg: Path) -> N
     report.write_text("\n".join(lines) + "\n" + results.get("notes", ""))
 
 
+def _accuracy_plot(plt, results: dict, style: dict, x: str, *, relative: bool, xlabel: str, ylabel: str,
+                   path: Path) -> Path:
+    """Held-out accuracy (mean over seeds; minus each run's step-0 accuracy if ``relative``)
+    against the evaluation curve's ``x`` (tokens or seconds), one line per method."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for method, (label, _) in METHODS.items():
+        curves = [r["curve"] for r in results["runs"].get(method, {}).values() if r["curve"]]
+        curves = [c for c in curves if all(x in p for p in c)]  # runs reported before the key existed
+        if not curves:
+            continue
+        k = min(len(c) for c in curves)
+        xs = [sum(c[i][x] for c in curves) / len(curves) for i in range(k)]
+        ys = [sum(c[i]["accuracy"] - (c[0]["accuracy"] if relative else 0.0) for c in curves) / len(curves)
+              for i in range(k)]
+        colour, line = style[method]
+        ax.plot(xs, ys, marker="o", markersize=3, color=colour, linestyle=line, label=f"{label} ({len(curves)})")
+    if relative:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, title="method (seeds)", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def draw(results: dict, out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -269,50 +297,14 @@ def draw(results: dict, out_dir: Path) -> list[Path]:
     # one colour and line style per method (12 methods: tab20's pairs would look alike)
     colours = plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2]
     style = {m: (colours[i % len(colours)], ("-", "--", ":")[i // 10 % 3]) for i, m in enumerate(METHODS)}
-    paths = []
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for method, (label, _) in METHODS.items():
-        runs = results["runs"].get(method)
-        if not runs:
-            continue
-        curves = [r["curve"] for r in runs.values() if r["curve"]]
-        if not curves:
-            continue
-        k = min(len(c) for c in curves)
-        xs = [sum(c[i]["tokens"] for c in curves) / len(curves) for i in range(k)]
+    paths = [
         # each run against its own step-0 evaluation (seeds start from different warm-ups)
-        ys = [sum(c[i]["accuracy"] - c[0]["accuracy"] for c in curves) / len(curves) for i in range(k)]
-        colour, line = style[method]
-        ax.plot(xs, ys, marker="o", markersize=3, color=colour, linestyle=line, label=f"{label} ({len(curves)})")
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xlabel("cumulative rollout tokens")
-    ax.set_ylabel("held-out accuracy − step-0 accuracy\n(pass@1, mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, title="method (seeds)", title_fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "accuracy_vs_tokens.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for method, (label, _) in METHODS.items():
-        curves = [r["curve"] for r in results["runs"].get(method, {}).values() if r["curve"]]
-        curves = [c for c in curves if all("seconds" in p for p in c)]
-        if not curves:
-            continue
-        k = min(len(c) for c in curves)
-        xs = [sum(c[i]["seconds"] for c in curves) / len(curves) for i in range(k)]
-        ys = [sum(c[i]["accuracy"] for c in curves) / len(curves) for i in range(k)]
-        colour, line = style[method]
-        ax.plot(xs, ys, marker="o", markersize=3, color=colour, linestyle=line, label=f"{label} ({len(curves)})")
-    ax.set_xlabel("seconds since the first learner step")
-    ax.set_ylabel("held-out accuracy (pass@1, mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6.5, title="method (seeds)", title_fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "accuracy_vs_wallclock.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _accuracy_plot(plt, results, style, "tokens", relative=True, xlabel="cumulative rollout tokens",
+                       ylabel="held-out accuracy − step-0 accuracy\n(pass@1, mean over seeds)",
+                       path=out_dir / "accuracy_vs_tokens.png"),
+        _accuracy_plot(plt, results, style, "seconds", relative=False, xlabel="seconds since the first learner step",
+                       ylabel="held-out accuracy (pass@1, mean over seeds)", path=out_dir / "accuracy_vs_wallclock.png"),
+    ]
 
     for key, title in (("stop_rate", "stop rate"), ("beta", "beta"), ("entropy", "policy entropy (nats/token)")):
         fig, ax = plt.subplots(figsize=(7, 4))
