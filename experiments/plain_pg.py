@@ -198,9 +198,9 @@ def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, cred
             on = torch.zeros(tok_lp.shape)
             for b, (pl, rl) in enumerate(spans):
                 on[b, pl - 1:pl - 1 + rl] = 1.0
-            kl = (lp[:, :-1].exp() * (lp[:, :-1] - ref_lp[:, :-1])).sum(-1)
-            kl_value = float((kl * on).sum() / n_tok)
-            loss = loss + kl_coef * (kl * on).sum() / n_tok
+            kl = ((lp[:, :-1].exp() * (lp[:, :-1] - ref_lp[:, :-1])).sum(-1) * on).sum() / n_tok
+            kl_value = float(kl)
+            loss = loss + kl_coef * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = float(torch.nn.utils.clip_grad_norm_(params, cfg.algo.max_grad_norm))
