@@ -6,7 +6,7 @@ setup:
 
 # The whole test suite, as CI runs it.
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=20
 
 # Unit tests only (no engine, no processes): seconds.
 test-fast: setup
