@@ -447,15 +447,14 @@ class RayLaunch:
                 self._end_all(ray, grace=10.0)
                 return EXIT_HEAD_LOST
             if self.head.state == "finished":
-                if end_by is None:
-                    end_by = now + a.end_grace
+                if end_by is None:  # after training, they end by themselves (the learner's broadcast)
+                    end_by = now + (a.end_grace if self.head.rc == 0 else 0.0)
                     self._stop_placing(ray)
                 busy = [h for h in self.hosts if h.role == "sampler" and h.state == "running"]
                 if not busy:
                     return self.head.rc
-                if now > end_by:
-                    self.out(f"[ray] stopping sampler hosts still running {a.end_grace:.0f}s after the head ended: "
-                             + ", ".join(h.name for h in busy))
+                if now >= end_by:
+                    self.out("[ray] stopping the sampler hosts still running: " + ", ".join(h.name for h in busy))
                     self._end_all(ray, grace=10.0)
                     return self.head.rc
             ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=POLL_S)
