@@ -137,6 +137,13 @@ def sampler_host_name(prefix: str, slot: int, generation: int, node_id: str) -> 
     return f"{prefix}{slot}{again}-{node_id[:6]}"
 
 
+def ray_error(exc: BaseException) -> str:
+    """A Ray error in one line: its type and its first line (e.g. OutOfMemoryError: Task was
+    killed due to the node running low on memory.)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
 def split_output(buffer: bytes) -> tuple[list[str], bytes]:
     """Complete lines (ended by \\n or \\r: a progress bar's updates are lines too) and the rest."""
     parts = re.split(rb"[\r\n]", buffer)
@@ -495,11 +502,13 @@ class RayLaunch:
         try:
             value = ray.get(ref)
         except ray.exceptions.ActorUnavailableError:
-            if host.state in ("placed", "running"):  # transient: ask again
+            if what == "output" and host.state == "running":  # transient: ask again
                 self._pending[host.actor.output.remote(POLL_S)] = ("output", host)
+                return
+            self._lost(ray, host, "its Ray actor is unavailable")
             return
-        except ray.exceptions.RayActorError as exc:
-            self._lost(ray, host, f"its Ray actor died ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+        except ray.exceptions.RayError as exc:  # the actor died, or Ray killed its worker (e.g. out of memory)
+            self._lost(ray, host, f"its Ray actor died ({ray_error(exc)})")
             return
         if what == "stopped":  # its exit code comes with its last output
             return
@@ -530,7 +539,10 @@ class RayLaunch:
         host.state = "placed"
         gpus = f", GPUs {','.join(where['gpus'])}" if where["gpus"] else ""
         self.out(f"[ray] {host.label} placed on {where['hostname']} ({host.ip}, node {host.node_id[:8]}{gpus})")
-        if not ray.get(host.actor.exists.remote(str(self.args.workdir / "run.py"))):
+        ok, found = self._ask(ray, host, host.actor.exists.remote(str(self.args.workdir / "run.py")))
+        if not ok:
+            return
+        if not found:
             msg = (f"no {self.args.workdir / 'run.py'} on node {host.ip}: the repository must be at the same path "
                    "on every node (--workdir)")
             if host.role == "head":
@@ -549,8 +561,10 @@ class RayLaunch:
         sets = [*self.args.set, *head_overrides(host.ip, curve_enabled=t.curve.enabled,
                                                 allow_insecure=t.allow_insecure, base_port=self.args.base_port)]
         argv = head_command(host.python, self.config, sets, self.run_dir, self.args.head_roles)
-        ray.get(host.actor.remove.remote(str(self.join_file)))  # a resumed run writes it anew
-        self._start(ray, host, argv)
+        if not self._ask(ray, host, host.actor.remove.remote(str(self.join_file)))[0]:  # a resumed run writes it anew
+            return
+        if not self._start(ray, host, argv):
+            return
         self._pending[host.actor.wait_for_file.remote(str(self.join_file), 10.0)] = ("joinable", host)
 
     def _start_sampler(self, ray, host: Host) -> None:
@@ -560,15 +574,23 @@ class RayLaunch:
         argv = sampler_command(host.python, self.join_file, host.name, self.run_dir / "hosts" / host.name, sets)
         self._start(ray, host, argv)
 
-    def _start(self, ray, host: Host, argv: list[str]) -> None:
-        try:
-            pid = ray.get(host.actor.start.remote(argv, str(self.args.workdir), {}))
-        except ray.exceptions.RayTaskError as exc:
-            self._lost(ray, host, f"could not start run.py: {exc}")
-            return
+    def _start(self, ray, host: Host, argv: list[str]) -> bool:
+        ok, pid = self._ask(ray, host, host.actor.start.remote(argv, str(self.args.workdir), {}), "could not start run.py")
+        if not ok:
+            return False
         host.state = "running"
         self.out(f"[ray] {host.label} started (pid {pid}): {' '.join(argv[1:])}")
         self._pending[host.actor.output.remote(POLL_S)] = ("output", host)
+        return True
+
+    def _ask(self, ray, host: Host, ref, what: str = "its Ray actor died") -> tuple[bool, Any]:
+        """(True, the value) of a quick call on ``host``'s actor; (False, None), and the host
+        lost, if the actor is gone, failed or did not answer within a minute."""
+        try:
+            return True, ray.get(ref, timeout=60.0)
+        except ray.exceptions.RayError as exc:
+            self._lost(ray, host, f"{what} ({ray_error(exc)})")
+            return False, None
 
     def _ended(self, ray, host: Host, rc: int) -> None:
         from espo_async.utils import describe_exit
@@ -590,7 +612,7 @@ class RayLaunch:
         host.state = "lost"
         self._forget(host)
         self.out(f"[ray] {host.label} lost: {why}")
-        ray.kill(host.actor, no_restart=True)
+        _kill(ray, host.actor)
         if host.role != "sampler" or self.head.state not in ("placing", "placed", "running") or self._stop_asked:
             return
         if self.replaced >= self.args.max_replacements:
@@ -611,7 +633,7 @@ class RayLaunch:
             if host.role == "sampler" and host.state in ("placing", "placed"):
                 host.state = "finished"
                 self._forget(host)
-                ray.kill(host.actor, no_restart=True)
+                _kill(ray, host.actor)
 
     def _end_all(self, ray, grace: float) -> None:
         """Stop every running host (SIGTERM, then SIGKILL after ``grace`` s)."""
@@ -626,15 +648,20 @@ class RayLaunch:
 
     def _kill_all(self, ray) -> None:
         for host in self.hosts:
-            try:
-                ray.kill(host.actor, no_restart=True)
-            except Exception:  # already gone
-                pass
+            _kill(ray, host.actor)
         self._pending.clear()
 
     def _notify(self) -> None:
         with self.changed:
             self.changed.notify_all()
+
+
+def _kill(ray, actor) -> None:
+    """End a Ray actor (and so its run.py, which dies with it); one already gone is fine."""
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - gone already, or its node is
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
