@@ -41,6 +41,7 @@ EXIT_UNPLACEABLE = 3  # the head could not be placed in time
 EXIT_HEAD_LOST = 4  # the head's node or Ray actor died
 POLL_S = 2.0  # how long one output call waits for lines (the driver's loop tick)
 MAX_LINES = 2000  # lines per output call
+HEAD_NOTE_S = 15.0  # while the head waits to be placed, say so this often
 
 
 # -- pure helpers ------------------------------------------------------------------------------
@@ -481,19 +482,24 @@ class RayLaunch:
         return host
 
     def _check_placement(self, ray, now: float) -> int | None:
-        """The head not placed in time ends the launch; a sampler host, a warning (it is placed
-        as soon as a node with the resources joins)."""
+        """The head not placed within ``--placement-timeout`` ends the launch (a note every
+        HEAD_NOTE_S before that); a sampler host not placed, a note every ``--placement-timeout``
+        (it is placed as soon as a node with the resources joins)."""
         timeout = self.args.placement_timeout
         for host in self.hosts:
-            if host.state != "placing" or now - max(host.created, host.warned_at) < timeout:
+            if host.state != "placing":
+                continue
+            waited = now - host.created
+            every = min(HEAD_NOTE_S, timeout) if host.role == "head" else timeout
+            if now - max(host.created, host.warned_at) < every and not (host.role == "head" and waited >= timeout):
                 continue
             host.warned_at = now
             why = missing_resources(host.demand.resources(), ray.nodes()) or (
                 "a node has them, but they are in use (by other actors or jobs)")
             what = "the head" if host.role == "head" else f"sampler host {host.slot}"
-            msg = f"{what} needs {describe(host.demand.resources())} and was not placed within {timeout:.0f}s: {why}"
-            if host.role == "head":
-                self.out(f"[ray] error: {msg}")
+            msg = f"{what} needs {describe(host.demand.resources())}, not placed after {waited:.0f}s: {why}"
+            if host.role == "head" and waited >= timeout:
+                self.out(f"[ray] error: {msg} (--placement-timeout {timeout:g})")
                 return EXIT_UNPLACEABLE
             self.out(f"[ray] waiting: {msg}")
         return None

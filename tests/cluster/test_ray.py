@@ -27,7 +27,13 @@ ray = pytest.importorskip("ray", reason="Ray is optional (pip install -e '.[ray]
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from espo_async.config import load_config  # noqa: E402
-from espo_async.launch.ray_cluster import RayLaunch, build_parser, missing_resources  # noqa: E402
+from espo_async.launch.ray_cluster import (  # noqa: E402
+    RayLaunch,
+    build_parser,
+    head_overrides,
+    missing_resources,
+    sampler_host_name,
+)
 from tests.reliability.test_faults import assert_each_sample_trained_once  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -184,3 +190,14 @@ def test_missing_resources_in_words():
     assert "no single node has CPU=4, GPU=8 together" in missing_resources({"CPU": 4, "GPU": 8}, nodes)
     assert "GPU (needs 16, the most any node has is 8)" in missing_resources({"GPU": 16}, nodes)
     assert missing_resources({"CPU": 1}, nodes[2:]) == "the cluster has no alive node"
+
+
+def test_head_overrides_put_the_head_on_its_node_with_curve():
+    assert head_overrides("10.0.0.5", curve_enabled=False, allow_insecure=False, base_port=29600) == [
+        "transport.kind=tcp", "transport.host=10.0.0.5", "transport.base_port=29600", "transport.curve.auto=true"]
+    assert "transport.curve.auto=true" not in head_overrides("10.0.0.5", curve_enabled=True, allow_insecure=False,
+                                                             base_port=None)
+    assert "transport.curve.auto=true" not in head_overrides("127.0.0.1", curve_enabled=False, allow_insecure=False,
+                                                             base_port=None)
+    assert sampler_host_name("ray-s", 1, 0, "3fa2c1d0") == "ray-s1-3fa2c1"
+    assert sampler_host_name("ray-s", 1, 2, "77aa00ff") == "ray-s1r2-77aa00"
