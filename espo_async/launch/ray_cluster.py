@@ -353,6 +353,7 @@ class RayLaunch:
         self.replaced = 0
         self.changed = threading.Condition()
         self._stop_asked: str | None = None
+        self._stop_sent = False  # the head was asked to stop
         self._fatal: int | None = None  # an exit code that ends the launch now
         self._pending: dict[Any, tuple[str, Host]] = {}
         self._actor_class = None
@@ -442,9 +443,9 @@ class RayLaunch:
             if self._stop_asked and self.head.state in ("placing", "placed"):
                 self.out(f"[ray] stopped before the head started: {self._stop_asked}")
                 return 1
-            if self._stop_asked and self.head.state == "running":
+            if self._stop_asked and self.head.state == "running" and not self._stop_sent:
                 self.out(f"[ray] stopping the head: {self._stop_asked}")
-                self._stop_asked = None
+                self._stop_sent = True
                 self._pending[self.head.actor.stop.remote(20.0)] = ("stopped", self.head)
             rc = self._check_placement(ray, now)
             if rc is not None:
@@ -465,7 +466,10 @@ class RayLaunch:
                     self.out("[ray] stopping the sampler hosts still running: " + ", ".join(h.name for h in busy))
                     self._end_all(ray, grace=10.0)
                     return self.head.rc
-            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=POLL_S)
+            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=POLL_S) if self._pending else ([], [])
+            if not self._pending:  # nothing to hear from (cannot last: the loop's checks end the launch)
+                with self.changed:
+                    self.changed.wait(POLL_S)
             for ref in ready:
                 what, host = self._pending.pop(ref)
                 self._handle(ray, what, host, ref)
