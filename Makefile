@@ -6,6 +6,7 @@ setup:
 
 # The whole test suite, as CI runs it.
 test: setup
+	@bash scripts/test_deps.sh
 	.venv/bin/python -m pytest -q --durations=20
 
 # Unit tests only (no engine, no processes): seconds.
