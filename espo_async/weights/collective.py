@@ -463,6 +463,7 @@ class CollectivePublisher(WeightPublisher):
             self._break(str(e))
             return
         dt = time.perf_counter() - t0
+        log.info("version %d broadcast to %d engine workers in %.3f s", version, self.spec.world - 1, dt)
         self.stats["broadcasts"] += 1
         self.stats["broadcast_s"] += dt
         self.stats["last_broadcast_s"] = dt

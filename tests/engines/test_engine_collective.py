@@ -16,7 +16,7 @@ from espo_async.weights.files import FilePublisher
 
 pytestmark = [pytest.mark.engine, pytest.mark.asyncio(loop_scope="session")]
 
-PROMPTS = ["12+34=", "7*8=", "99-1=A"]
+PROMPTS = ["12+34=", "99-1=A"]
 WAIT_S = 120.0
 
 
@@ -49,7 +49,7 @@ async def greedy(engine, tok, tag: str) -> list[list[int]]:
     out = []
     for i, text in enumerate(PROMPTS):
         ids = [tok.bos_token_id] + tok.encode(text)
-        chunks = [c async for c in engine.generate(f"{tag}-{i}", ids, max_tokens=24, temperature=0.0)]
+        chunks = [c async for c in engine.generate(f"{tag}-{i}", ids, max_tokens=16, temperature=0.0)]
         out.append([int(t) for c in chunks for t in c.token_ids])
     return out
 
