@@ -283,20 +283,6 @@ def recv_weights(pg: Any, specs: Sequence[TensorSpec], version: int, *, timeout_
     return out
 
 
-def _close_group(pg: Any) -> None:
-    """Close a group's connections now (its peers then fail at once instead of at their timeout)."""
-    if pg is None:
-        return
-    for name in ("abort", "shutdown"):
-        fn = getattr(pg, name, None)
-        if fn is not None:
-            try:
-                fn()
-                return
-            except Exception:  # noqa: S112 - the other way may work; the group is dropped anyway
-                continue
-
-
 def _tcp_store(host: str, port: int, *, master: bool, timeout_s: float):
     import torch.distributed as dist
 
@@ -337,8 +323,7 @@ class GroupMember:
         spec = spec if isinstance(spec, GroupSpec) else GroupSpec(**spec)
         if self.spec == spec and self.state != "none":
             return self.status()
-        _close_group(self._pg)  # another group (e.g. a restarted learner's): the old one is dead
-        self._pg = None
+        self._pg = None  # another group (e.g. a restarted learner's): the old one is dead (dropped: closed)
         self.spec, self.state, self.rank, self.error = spec, "joining", None, ""
         self._joined = joined = threading.Event()
         threading.Thread(target=self._join, args=(spec, joined), name="espo-weight-group-join", daemon=True).start()
@@ -382,9 +367,12 @@ class GroupMember:
                                 bucket_bytes=self.spec.bucket_bytes,
                                 device=backend_device(self.spec.backend, self.device))
         except Exception as e:
-            pg, self._pg, self.state, self.error = self._pg, None, "broken", f"{type(e).__name__}: {str(e)[:300]}"
-            _close_group(pg)
-            raise
+            self.error = f"{type(e).__name__}: {str(e)[:300]}"
+        # Out of the except block: no traceback holds the group any more, so dropping it closes
+        # its connections and the learner's broadcast fails at once instead of at its timeout
+        # (gloo's abort()/shutdown() do not close them).
+        self._pg, self.state = None, "broken"
+        raise CollectiveError(f"version {version}: {self.error}")
 
 
 # ------------------------------------------------------------------------------ learner side
@@ -430,8 +418,7 @@ class CollectivePublisher(WeightPublisher):
         with self._lock:
             if self.state == "broken":
                 return
-            pg, self._pg, self.state, self.error = self._pg, None, "broken", why
-        _close_group(pg)
+            self._pg, self.state, self.error = None, "broken", why  # dropped: its connections close
         log.warning("weight group %s broken, weights go as files from now on: %s", self.spec.group, why)
 
     def wait_formed(self, timeout_s: float) -> str:
@@ -503,8 +490,7 @@ class CollectivePublisher(WeightPublisher):
         """Stop taking part (the broadcast in flight gets its timeout to end)."""
         self.wait_sent(self.spec.timeout_s)
         with self._lock:
-            pg, self._pg, self.state = self._pg, None, "broken"
-        _close_group(pg)
+            self._pg, self.state = None, "broken"
 
 
 def _snapshot(source: WeightSource, device: str) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,8 @@ def test_formation_timeout_falls_back_to_files(tmp_path):
 
 
 def test_out_of_step_member_fails_clearly_and_at_once():
-    """A member that expects another version than the learner sends raises (both sides)."""
+    """A member that expects another version than the learner sends raises, drops its group, and
+    the learner's broadcast then fails at once (both sides)."""
     store = C._tcp_store("127.0.0.1", 0, master=True, timeout_s=WAIT_S)
     groups = [None, None]
 
@@ -187,13 +189,19 @@ def test_out_of_step_member_fails_clearly_and_at_once():
         t.join(WAIT_S)
     sent: list[BaseException] = []
     sender = threading.Thread(target=lambda: sent.append(_try(C.send_weights, groups[0], tensors_of(5), 5,
-                                                             timeout_s=2, bucket_bytes=1 << 20)))
+                                                             timeout_s=20, bucket_bytes=1 << 20)))
     sender.start()
+    member = C.GroupMember()  # rank 1 as an engine worker holds it, expecting version 4
+    member.spec = C.GroupSpec(host="127.0.0.1", port=store.port, group="g", world=2, timeout_s=20)
+    member._pg, member.state, groups[1] = groups[1], "member", None
+    member._joined.set()
     with pytest.raises(C.CollectiveError, match="out of step: the learner broadcasts version 5"):
-        C.recv_weights(groups[1], C.tensor_specs(tensors_of(4)), 4, timeout_s=5, bucket_bytes=1 << 20)
-    C._close_group(groups[1])  # this member's side is gone: the sender's next bucket fails
-    sender.join(WAIT_S)
-    assert sent and isinstance(sent[0], C.CollectiveError)
+        member.receive(4, C.tensor_specs(tensors_of(4)))
+    assert member.state == "broken" and member._pg is None
+    t0 = time.monotonic()
+    sender.join(WAIT_S)  # the member dropped its group: the sender's next bucket fails at once, not at 20 s
+    assert sent and isinstance(sent[0], C.CollectiveError) and "version 5: bucket 0" in str(sent[0])
+    assert time.monotonic() - t0 < 15
 
 
 def _try(fn, *args, **kw):
