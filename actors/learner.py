@@ -614,6 +614,8 @@ class Learner(Actor):
                 await asyncio.to_thread(self._save_checkpoint)
                 self.log.info("checkpoint saved at step %d; rerun with --run-dir to resume", self.step)
         finally:
+            if hasattr(self, "publisher"):  # e.g. the collective transfer's process group
+                await asyncio.to_thread(self.publisher.close)
             if hasattr(self, "trainer"):  # the worker ranks (deepspeed.world_size > 1) exit
                 await asyncio.to_thread(self.trainer.close)
         if hasattr(self, "metrics"):

@@ -4,6 +4,7 @@ SmolLM2-135M on CPU.
     python bench/weight_sync.py            # full: 4 steps, 2 vLLM samplers, weights.dir run then shm
     python bench/weight_sync.py --quick    # 2 steps, 2 samplers
     python bench/weight_sync.py --samplers 1 --modes shm
+    python bench/weight_sync.py --transport both --modes shm   # files against the collective broadcast
 
 The real system of configs/default.yaml with ``model.policy smollm2-135m`` (converted once into
 the cache, fp32, 538 MB), the critic a copy of the policy with a value head, a small batch (1
@@ -22,6 +23,14 @@ Per version v >= 1 (one per learner step):
 
 Target: <= 1 s.
 
+``--transport both`` runs the same system twice per ``--modes`` value: ``weights.transport=files``
+and ``weights.transport=collective`` (the learner broadcasts the policy through a gloo group with
+the samplers' engine workers, espo_async/weights/collective.py). In the collective run the first
+version(s) go as files while the group forms (the samplers join when they load their first
+version); each row says which path it took (``via``, from the learner's log line "version N
+broadcast to ..."), its ``broadcast_s`` is the learner's broadcast of that version, and the
+summary of the collective run counts only the broadcast versions.
+
     python bench/weight_sync.py --profile 20   # where one engine reload's time goes
 
 ``--profile N`` runs no system: it starts one vLLM engine as the sampler does (same options and
@@ -33,6 +42,7 @@ functions of the last reload inside the worker by cumulative time (cProfile in t
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from pathlib import Path
 
@@ -51,7 +61,25 @@ def overrides(steps: int, samplers: int, max_tokens: int) -> list[str]:
             "transport.startup_timeout_s=900"]
 
 
+BROADCAST = re.compile(r"version (\d+) broadcast to (\d+) engine workers in ([0-9.]+) s")
+
+
+def broadcasts(run_dir: Path) -> dict[int, float]:
+    """Versions the learner broadcast through the weight group -> seconds (its log)."""
+    log = run_dir / "logs" / "learner.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return {int(m.group(1)): float(m.group(3)) for m in BROADCAST.finditer(text)}
+
+
+def group_failures(run_dir: Path) -> list[str]:
+    """The learner's "weight group ... broken" lines (the run then fell back to files)."""
+    log = run_dir / "logs" / "learner.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [line for line in text.splitlines() if "weight group" in line and "broken" in line]
+
+
 def analyse(run_dir: Path) -> list[dict]:
+    sent = broadcasts(run_dir)
     mets = {int(m["step"]): m for m in C.metrics(run_dir)}
     logs = C.sampler_logs(run_dir, "weights")
     rows = []
@@ -63,6 +91,8 @@ def analyse(run_dir: Path) -> list[dict]:
         last = max(loads.values(), key=lambda w: w["loaded_at"])
         rows.append({
             "version": step,
+            "via": "collective" if step in sent else "file",
+            "broadcast_s": sent.get(step),
             "sync_s": last["loaded_at"] - end,
             "publish_and_deliver_s": min(w["received_at"] for w in loads.values()) - end,
             "engine_load_s": float(np.mean([w["load_s"] for w in loads.values()])),
@@ -79,28 +109,35 @@ def summary(rows: list[dict]) -> dict:
             "engine_load_s": C.stats([r["engine_load_s"] for r in rows]), "target_s": 1.0}
 
 
-async def run_mode(args, steps: int, weights_dir: str) -> dict:
-    cfg = C.bench_config(overrides(steps, args.samplers, args.max_tokens) + [f"weights.dir={weights_dir}"] + args.set)
-    run_dir = C.run_dir_for(f"weights-{weights_dir}", args.keep)
-    print(f"[{NAME}] weights.dir={weights_dir} ... (load {C.loadavg()})", file=sys.stderr, flush=True)
+async def run_mode(args, steps: int, weights_dir: str, transport: str = "files") -> dict:
+    cfg = C.bench_config(overrides(steps, args.samplers, args.max_tokens)
+                         + [f"weights.dir={weights_dir}", f"weights.transport={transport}"] + args.set)
+    run_dir = C.run_dir_for(f"weights-{transport}-{weights_dir}", args.keep)
+    print(f"[{NAME}] weights.transport={transport} weights.dir={weights_dir} ... (load {C.loadavg()})",
+          file=sys.stderr, flush=True)
     run = await C.run_system(cfg, run_dir, timeout=3600)
-    rows = [{"weights_dir": weights_dir, **r} for r in analyse(run_dir)]
+    label = weights_dir if transport == "files" else f"{transport}/{weights_dir}"
+    rows = [{"weights_dir": weights_dir, "transport": transport, "run": label, **r} for r in analyse(run_dir)]
     final = list((run_dir / "final").glob("*.safetensors"))
-    res = {"weights_dir": weights_dir, "rows": rows, "policy_bytes": int(sum(f.stat().st_size for f in final)),
-           "run_wall_s": run["wall_s"], "loadavg": C.loadavg(), "counters": C.counters(run["result"]),
-           "summary": summary(rows)}
+    counted = [r for r in rows if r["via"] == "collective"] if transport == "collective" else rows
+    res = {"weights_dir": weights_dir, "transport": transport, "label": label, "rows": rows,
+           "policy_bytes": int(sum(f.stat().st_size for f in final)), "run_wall_s": run["wall_s"],
+           "loadavg": C.loadavg(), "counters": C.counters(run["result"]), "group_failures": group_failures(run_dir),
+           "summary": summary(counted) if counted else {}}
     C.remove_run(run_dir, args.keep)
     return res
 
 
 async def main_async(args) -> dict:
-    """The per-step files in the run folder (on disk) against /dev/shm (memory), side by side."""
+    """The per-step files in the run folder (on disk) against /dev/shm (memory), side by side; with
+    ``--transport both`` each also against the collective broadcast."""
     steps = args.steps or (2 if args.quick else 4)
-    runs = [await run_mode(args, steps, mode) for mode in args.modes]
-    return {"samplers": args.samplers, "steps": steps, "runs": runs,
+    transports = ["files", "collective"] if args.transport == "both" else [args.transport]
+    runs = [await run_mode(args, steps, mode, t) for t in transports for mode in args.modes]
+    return {"samplers": args.samplers, "steps": steps, "transports": transports, "runs": runs,
             "rows": [r for run in runs for r in run["rows"]],
             "policy_bytes": max(run["policy_bytes"] for run in runs),
-            "summary": {run["weights_dir"]: run["summary"] for run in runs}}
+            "summary": {run["label"]: run["summary"] for run in runs}}
 
 
 async def profile_reload(args) -> dict:
@@ -158,6 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--modes", nargs="+", default=["run", "shm"], choices=["run", "shm"],
                     help="weights.dir values to compare, in this order")
+    ap.add_argument("--transport", default="files", choices=["files", "collective", "both"],
+                    help="weights.transport to measure (both: files, then collective, for each --modes)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile one engine's reload instead (no system run): print the top N functions")
     ap.add_argument("--loads", type=int, default=4, help="reloads with --profile (the last is profiled)")
@@ -166,12 +205,19 @@ def main(argv=None) -> int:
     if args.profile:
         return main_profile(args, meta)
     res = asyncio.run(main_async(args))
-    C.print_table(res["rows"], [("weights_dir", "weights.dir", "s"), ("version", "version", "d"),
+    C.print_table(res["rows"], [("run", "run", "s"), ("version", "version", "d"), ("via", "via", "s"),
                                 ("sync_s", "step end -> all serving s", ".3f"),
                                 ("publish_and_deliver_s", "publish+deliver s", ".3f"),
-                                ("engine_load_s", "engine load s", ".3f"), ("train_s", "train step s", ".1f")])
+                                ("engine_load_s", "engine load s", ".3f"), ("broadcast_s", "broadcast s", ".3f"),
+                                ("train_s", "train step s", ".1f")])
+    for run in res["runs"]:
+        for line in run["group_failures"]:
+            print(f"{run['label']}: {line}")
     for mode, s in res["summary"].items():
-        print(f"weight sync, weights.dir={mode} ({res['policy_bytes'] / 1e6:.0f} MB policy, {res['samplers']} "
+        if not s:
+            print(f"weight sync, {mode}: no version went through the group (see the rows)")
+            continue
+        print(f"weight sync, {mode} ({res['policy_bytes'] / 1e6:.0f} MB policy, {res['samplers']} "
               f"samplers): median {s['sync_s']['p50']:.3f}s, max {s['sync_s']['max']:.3f}s (target <= 1 s)")
     C.finish(NAME, args, res, meta)
     return 0

@@ -458,7 +458,8 @@ class TransportConfig(_Section):
 
 class WeightsConfig(_Section):
     """How the learner hands new weights to the samplers and the critic after each step: a
-    safetensors file per step whose ``file://`` URI it announces (docs/architecture.md)."""
+    safetensors file per step whose ``file://`` URI it announces (docs/architecture.md), or a
+    broadcast through a weight-update process group (``transport: collective``)."""
 
     dir: str = Field(
         "auto",
@@ -469,6 +470,40 @@ class WeightsConfig(_Section):
     )
     keep_versions: int = Field(
         3, ge=2, description="Per-step files kept per model (older ones are deleted; a load may still be in flight)."
+    )
+    transport: Literal["files", "collective"] = Field(
+        "files",
+        description="How the policy goes to the vLLM samplers. 'files': a safetensors file per step (above). "
+        "'collective': the learner broadcasts it through a process group of its own with every sampler's engine "
+        "workers (gloo on CPU, NCCL on GPU; espo_async/weights/collective.py); files stay its fallback: before the "
+        "group is formed, for engines outside it (late joiners, restarts), for the critic, and for the rest of the "
+        "run once the group failed (docs/cluster.md).",
+    )
+    collective_members: int = Field(
+        0, ge=0, description="collective: engine workers in the group (world size - 1; one per sampler, more with "
+        "tensor parallelism). 0: actors.sampler.count."
+    )
+    collective_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="collective: the group's backend; auto: nccl where the learner has CUDA, else gloo."
+    )
+    collective_host: str = Field(
+        "", description="collective: the address engines reach the learner's group store at; '': the learner's host "
+        "(cluster.role_hosts.learner, else transport.host on tcp, else 127.0.0.1)."
+    )
+    collective_port: int = Field(
+        0, ge=0, le=65535, description="collective: the learner's group store port (0: a free port, named in the "
+        "announced URI)."
+    )
+    collective_timeout_s: float = Field(
+        60.0, gt=0, description="collective: every broadcast operation fails after this long (the group is then "
+        "broken and weights go as files)."
+    )
+    collective_join_timeout_s: float = Field(
+        600.0, gt=0, description="collective: the group must be formed (every member joined) within this long after "
+        "the learner starts, else the run uses files."
+    )
+    collective_bucket_mb: float = Field(
+        64.0, gt=0, description="collective: tensors are broadcast packed into buffers of at most this size."
     )
 
     @field_validator("dir")

@@ -18,7 +18,7 @@ import numpy as np
 
 from protocols.messages import MESSAGE_TYPES, Message
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the wire format; every frame carries it. Bump on any message change.
 
 History: 1, the first format. 2, ``TokenBatch`` (kind ``token_batch``): a sampler sends the new
@@ -31,7 +31,9 @@ and the coordinator asks a sampler for its free slots with a kind of its own (``
 ``slots_query``) instead of an ``ActorDown`` on the work socket. A changed message: frames of
 versions 1 and 2 are refused (``unsupported schema version``), so every actor of a run must run
 this build, and a learner's trajectory log written by an older build is refused with an error
-that says so (``TrajectoryLogVersionError``; the log is left as it is)."""
+that says so (``TrajectoryLogVersionError``; the log is left as it is). 4, ``WeightsAnnounced``
+gains a last field ``tensors`` (the (name, dtype, shape) list of a collective weight broadcast,
+espo_async/weights/collective.py; default []): additive, so frames of version 3 still decode."""
 
 OLDEST_READABLE_VERSION = 3
 """Frames from this version up to ``SCHEMA_VERSION`` decode (each kind from the version that

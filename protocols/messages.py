@@ -449,11 +449,15 @@ class WeightsAnnounced(Message):
     KIND: ClassVar[str] = "weights_announced"
     model: Literal["policy", "critic"]
     version: int
-    uri: str  # file:///... safetensors on shared storage
+    uri: str  # file:///... safetensors on shared storage, or collective://... (espo_async/weights/)
     sha256: str  # "" when not computed (the per-step weight sync skips it: see Learner._publish_weights)
     nbytes: int
     step: int = 0
     epoch: str = ""  # learner process id (see BatchBoundary.epoch): a new epoch may go back in version
+    # (name, dtype, shape) of every tensor the learner broadcasts for this version, in order, when
+    # ``uri`` is a collective:// version sent through the weight-update group (espo_async/weights/
+    # collective.py); [] for files (and for a collective version that only has a file)
+    tensors: list[tuple[str, str, list[int]]] = []
 
 
 # --------------------------------------------------------------------------------------------

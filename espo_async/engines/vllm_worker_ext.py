@@ -107,6 +107,34 @@ class WeightSyncExtension:
             report["profile"] = _top_functions(profiler, profile_top)
         return report
 
+    # -- the collective weight transfer (espo_async/weights/collective.py): this worker is a
+    # member of the learner's weight-update group; it receives each version, then reloads.
+    def _espo_group_member(self):
+        from espo_async.weights.collective import GroupMember
+
+        member = getattr(self, "_espo_group", None)
+        if member is None:
+            member = self._espo_group = GroupMember(device=getattr(self, "device", None))
+        return member
+
+    def espo_join_weight_group(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Start joining the learner's weight-update group (returns at once; idempotent)."""
+        return self._espo_group_member().join(spec)
+
+    def espo_receive_weights(self, spec: dict[str, Any], version: str | int, tensors: list) -> dict[str, Any]:
+        """Receive one version from the group (every bucket first: a failed receive leaves the
+        model as it was), then load it as ``espo_load_weights`` does."""
+        member = self._espo_group_member()
+        member.join(spec)
+        t0 = time.perf_counter()
+        received = member.receive(int(version), tensors)
+        t1 = time.perf_counter()
+        self.reload_weights(weights_iterator=iter(received))  # type: ignore[attr-defined]
+        t2 = time.perf_counter()
+        self._espo_weight_version = str(version)
+        return {"num_tensors": len(received), "receive_s": t1 - t0, "load_s": t2 - t1, "version": str(version),
+                "rank": member.rank}
+
     def espo_weight_version(self) -> Any:
         return getattr(self, "_espo_weight_version", None)
 

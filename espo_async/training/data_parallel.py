@@ -76,8 +76,8 @@ DEFAULT_TIMEOUT_S = 600.0
 STOP_WAIT_S = 30.0  # how long close() waits for the workers to exit after "stop"
 
 # Operations a worker runs on command (PPOTrainer methods).
-_METHODS = ("train_step", "train_critic_mc", "save_policy_weights", "save_critic_weights", "export_hf",
-            "write_checkpoint", "load_checkpoint")
+_METHODS = ("train_step", "train_critic_mc", "save_policy_weights", "save_critic_weights", "policy_tensors",
+            "export_hf", "write_checkpoint", "load_checkpoint")
 
 
 class DataParallelError(RuntimeError):

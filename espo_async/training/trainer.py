@@ -750,6 +750,16 @@ class PPOTrainer:
             return publish_safetensors(sd, path, durable=durable, digest=digest,
                                        metadata={"format": "pt", "step": str(self.global_step)})
 
+    def policy_tensors(self) -> dict[str, torch.Tensor]:
+        """The policy's tensors as ``save_policy_weights`` writes them (HF names, training dtype),
+        copied (the next step changes the live ones), on the training device: what the collective
+        weight transfer broadcasts (espo_async/weights/collective.py). {} on ranks > 0."""
+        with self._op("policy_tensors", collective=self.zero_stage == 3):
+            sd = self._policy_state_dict()
+            if self.rank != 0:
+                return {}
+            return {k: v.detach().clone() for k, v in sd.items()}
+
     def save_critic_weights(self, path: Path, *, digest: bool = True, durable: bool = True) -> tuple[str, int]:
         """The value model (``backbone.*`` + ``head.*``, see value_model.py) as safetensors; atomic."""
         if self.critic is None:

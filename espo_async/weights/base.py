@@ -8,9 +8,11 @@ engines that use it.
   its engine. ``loader_for(uri)`` (espo_async/weights/__init__.py) picks the loader by the URI's
   scheme.
 
-Today's transfer is a safetensors file per version (``file://``, espo_async/weights/files.py).
-Another transfer (an NCCL or gloo broadcast, CUDA IPC handles) is one new module with a publisher
-and a loader for its own URI scheme, registered in espo_async/weights/__init__.py.
+The default transfer is a safetensors file per version (``file://``, espo_async/weights/files.py);
+``weights.transport: collective`` broadcasts the policy through a gloo/NCCL process group
+(``collective://``, espo_async/weights/collective.py), with files as its fallback. Another
+transfer (CUDA IPC handles) is one new module with a publisher and a loader for its own URI
+scheme, registered in espo_async/weights/__init__.py.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ Model = Literal["policy", "critic"]
 
 
 class WeightSource(Protocol):
-    """Where a publisher takes the weights from (the learner's trainer): each writes one
-    model as a safetensors file and returns (sha256 or "", bytes written)."""
+    """Where a publisher takes the weights from (the learner's trainer): each ``save_*`` writes
+    one model as a safetensors file and returns (sha256 or "", bytes written); the collective
+    transfer also calls ``policy_tensors()`` (the policy's {HF name: tensor}, as in the file)."""
 
     def save_policy_weights(self, path: Path, *, digest: bool = True, durable: bool = True) -> tuple[str, int]: ...
 
@@ -52,6 +55,9 @@ class WeightPublisher(abc.ABC):
 
     def retire(self, version: int) -> None:  # noqa: B027 - optional
         """``version`` was just published: free older versions no load can still want."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """The learner stops: release what the transfer holds (a process group, threads)."""
 
 
 class WeightLoader(abc.ABC):

@@ -182,6 +182,8 @@ STRATEGIES = {
         nbytes=nonneg,
         step=nonneg,
         epoch=st.text(max_size=16),
+        tensors=st.lists(st.tuples(st.text(max_size=20), st.sampled_from(["float32", "bfloat16"]),
+                                   st.lists(nonneg, max_size=3)), max_size=3),
     ),
     P.Heartbeat: st.builds(
         P.Heartbeat,

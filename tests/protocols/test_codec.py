@@ -314,7 +314,7 @@ def test_frames_of_schema_1_and_2_are_refused(msg, version):
     frame of an older schema, of any kind, is refused with the codec's unsupported-version error."""
     old = _as_version(P.encode(msg), version)
     for read in (P.decode, P.kind_of):
-        with pytest.raises(P.ProtocolError, match=f"unsupported schema version {version} .*reads 3..3"):
+        with pytest.raises(P.ProtocolError, match=f"unsupported schema version {version} .*reads 3..{P.SCHEMA_VERSION}"):
             read(old)
 
 
@@ -355,7 +355,7 @@ def test_a_trajectory_log_of_schema_2_records_is_refused_and_kept(old):
         frames = [_as_version(P.encode(t), 2) for t in old]
         data = b"".join(struct.pack("<I", len(f)) + f for f in frames)
         path.write_bytes(data)
-        with pytest.raises(TrajectoryLogVersionError, match=r"trajectories.log was written with protocol schema version 2.*reads 3..3"):
+        with pytest.raises(TrajectoryLogVersionError, match=rf"trajectories.log was written with protocol schema version 2.*reads 3..{P.SCHEMA_VERSION}"):
             list(replay(path))
         with pytest.raises(TrajectoryLogVersionError):
             TrajectoryLog(path)
@@ -366,3 +366,14 @@ def test_kind_of_reads_the_tag_without_the_body():
     assert P.kind_of(P.encode(P.Shutdown(reason="done"))) == "shutdown"
     with pytest.raises(P.ProtocolError):
         P.kind_of(b"\x00")
+
+
+def test_a_schema_3_weights_announced_still_decodes():
+    """Schema 4 only appended ``WeightsAnnounced.tensors`` (default []): a version-3 frame reads."""
+    body = ["policy", 7, "file:///w/policy-v7.safetensors", "", 10, 7, "e"]
+    msg = P.decode(msgpack.packb([3, "weights_announced", body], use_bin_type=True))
+    assert msg == P.WeightsAnnounced(model="policy", version=7, uri="file:///w/policy-v7.safetensors", sha256="",
+                                     nbytes=10, step=7, epoch="e", tensors=[])
+    new = P.WeightsAnnounced(model="policy", version=8, uri="collective://h:1/g/policy/8?world=2", sha256="",
+                             nbytes=8, tensors=[("w", "float32", [2])])
+    assert P.decode(P.encode(new)) == new

@@ -202,6 +202,12 @@ def test_saved_weights_reload_with_identical_outputs(tiny_dir, tmp_path):
     with torch.no_grad():
         assert torch.equal(vm(x, torch.ones_like(x)), tr.critic(x, torch.ones_like(x)))
 
+    # what the collective weight transfer broadcasts: the file's tensors, copied out of the model
+    tensors, saved = tr.policy_tensors(), load_file(str(tmp_path / "w" / "policy.safetensors"))
+    assert tensors.keys() == saved.keys() and all(torch.equal(tensors[k], saved[k]) for k in saved)
+    live = tr.policy.lm.state_dict()
+    assert all(tensors[k].data_ptr() != live[k].data_ptr() for k in tensors)
+
 
 def test_checkpoint_resume_matches_uninterrupted(tiny_dir, tmp_path):
     kw = dict(epochs=2, minibatches=2, kl_coef=0.05)
