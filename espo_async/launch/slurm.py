@@ -205,7 +205,8 @@ NET=(--set transport.kind=tcp --set "transport.host=$HEAD_ADDR" --set "transport
      --set transport.curve.enabled=true --set "transport.curve.keys_dir=$RUN/curve"){learner_host}
 
 CANCELLED=0  # scancel signals this script too; SLURM's time-limit warning (--signal) does not
-trap 'CANCELLED=1; echo "[slurm] cancelled: every run.py stops its actors, the learner saves a checkpoint"' TERM INT
+REQUEUED=0  # scontrol requeue signals this script as well
+trap 'CANCELLED=1; [ "$REQUEUED" = 1 ] || echo "[slurm] cancelled: every run.py stops its actors, the learner saves a checkpoint"' TERM INT
 
 wait_for() {{  # a background job's exit status (a trapped signal interrupts `wait`: wait again)
     local rc
@@ -251,7 +252,9 @@ if [ -f {metrics_dir}/summary.json ]; then
 fi
 if [ "$HEAD_RC" = 143 ] && [ "$CANCELLED" = 0 ] && [ "$REQUEUE_ON_TIME_LIMIT" = 1 ]; then
     echo "[slurm] stopped before the time limit with a checkpoint: requeueing job $SLURM_JOB_ID to resume"
-    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    REQUEUED=1
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0  # (scontrol may itself be ended by the requeue it asked for)
 fi
 echo "[slurm] the run did not finish; submit this script again to resume from its last checkpoint"
 exit "$HEAD_RC"

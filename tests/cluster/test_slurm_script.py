@@ -50,6 +50,13 @@ def test_optional_header_lines_are_left_out():
     assert not {"signal", "exclusive", "partition", "time", "gpus-per-node"} & set(opts)
 
 
+def test_requeue_only_after_a_time_limit_stop():
+    text = batch_script(layout())
+    assert "REQUEUE_ON_TIME_LIMIT=1" in text and 'scontrol requeue "$SLURM_JOB_ID"' in text
+    assert '[ "$HEAD_RC" = 143 ] && [ "$CANCELLED" = 0 ]' in text  # stopped by --signal, not by scancel
+    assert "REQUEUE_ON_TIME_LIMIT=0" in batch_script(layout(requeue_on_time_limit=False))
+
+
 def test_head_samplers_keys_and_ports():
     text = batch_script(layout(sets=("run.total_steps=5", "run.name=a b"), sampler_sets=("actors.sampler.count=4",),
                                base_port=30000))
