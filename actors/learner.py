@@ -616,7 +616,7 @@ class Learner(Actor):
         step_ok = True
         step_task = getattr(self, "_step_task", None)
         if step_task is not None and not step_task.done():
-            self.log.info("stopping: finishing step %d first", self.step + 1)
+            self.log.info("stopping: waiting for the training step in progress to end")
             try:
                 await step_task
             except Exception:

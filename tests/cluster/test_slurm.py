@@ -140,10 +140,13 @@ class Cluster:
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
     def ended(self, job_id: str) -> dict[str, str] | None:
-        """The job's record once it ended (every step too), else None."""
+        """The job's record once it ended and its processes are gone, else None. (A cancelled
+        job's state is CANCELLED at once; squeue lists it, as CG, until its steps have ended.)"""
         record = self.job(job_id)
         if record.get("JobState") in (None, "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED",
                                       "SUSPENDED"):
+            return None
+        if self.call("squeue", "-h", "-j", job_id, check=False).strip():
             return None
         return record
 
@@ -201,12 +204,13 @@ def slurm(tmp_path_factory):
         cluster.stop()
 
 
-def submit(slurm: Cluster, run_dir: Path, *sets: str) -> str:
-    """Submit a fake run through the launcher: head on n1, samplers on n2. The job id."""
-    base_port = free_ports(9, start=31000)
+def submit(slurm: Cluster, run_dir: Path, base_port: int, *sets: str) -> str:
+    """Submit a fake run through the launcher: head on n1, samplers on n2 (one CPU of each: two
+    jobs fit at once). The job id."""
     cmd = [sys.executable, "-m", "espo_async.launch.slurm", "--config", str(REPO / "configs/fake.yaml"),
            "--run-dir", str(run_dir), "--sampler-nodes", "1", "--base-port", str(base_port), "--time", "10:00",
-           "--grace-s", "0", "--job-name", run_dir.name, "--submit"]
+           "--grace-s", "0", "--shared-nodes", "--job-name", run_dir.name, "--sampler-set", "actors.sampler.count=1",
+           "--submit"]
     for item in (*FAKE_SETS, *sets):
         cmd += ["--set", item]
     done = subprocess.run(cmd, cwd=REPO, env=slurm.env, capture_output=True, text=True, timeout=60, check=False)
@@ -243,22 +247,25 @@ def check_finished(run_dir: Path, total_steps: int) -> None:
     assert cfg.transport.kind == "tcp" and cfg.transport.curve.enabled
 
 
-def test_a_job_runs_to_the_end(slurm, tmp_path):
-    run_dir = tmp_path / "finish"
-    job = submit(slurm, run_dir, "run.total_steps=2")
-    record = wait_job(slurm, run_dir, job)
-    log = job_log(run_dir, job)
-    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log[-4000:]
-    assert "[slurm] training finished" in log
-    assert log.count("[espo] finished: training finished") == 2, log[-4000:]  # the head and the sampler host
-    assert metric_steps(run_dir) == [1, 2]
-    check_finished(run_dir, 2)
+TOTAL_STEPS = {"finish": 2, "resume": 4}
 
 
-def test_scancel_checkpoints_and_the_same_script_resumes(slurm, tmp_path):
-    run_dir = tmp_path / "resume"
-    total = 4
-    job = submit(slurm, run_dir, f"run.total_steps={total}", "run.checkpoint_every=1")
+@pytest.fixture(scope="module")
+def first_jobs(slurm, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Both tests' first jobs, submitted at once so that their start-ups overlap (the tests take
+    minutes otherwise): name -> (run folder, job id). Their ports differ. The scancel test comes
+    first in this file: it must find its job before the end; the other job ends meanwhile."""
+    folder = tmp_path_factory.mktemp("runs")
+    jobs = {}
+    for name, start in (("finish", 31000), ("resume", 41000)):
+        sets = [f"run.total_steps={TOTAL_STEPS[name]}"] + (["run.checkpoint_every=1"] if name == "resume" else [])
+        jobs[name] = (folder / name, submit(slurm, folder / name, free_ports(9, start=start), *sets))
+    return jobs
+
+
+def test_scancel_checkpoints_and_the_same_script_resumes(slurm, first_jobs):
+    run_dir, job = first_jobs["resume"]
+    total = TOTAL_STEPS["resume"]
     state = run_dir / "checkpoint" / "learner_state.json"
     try:
         wait_until(state.is_file, JOB_TIMEOUT_S, "a first checkpoint")
@@ -286,3 +293,14 @@ def test_scancel_checkpoints_and_the_same_script_resumes(slurm, tmp_path):
     steps = metric_steps(run_dir)
     assert steps == list(range(1, total + 1)), steps  # continued after the checkpoint, never from step 1 again
     check_finished(run_dir, total)
+
+
+def test_a_job_runs_to_the_end(slurm, first_jobs):
+    run_dir, job = first_jobs["finish"]
+    record = wait_job(slurm, run_dir, job)
+    log = job_log(run_dir, job)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log[-4000:]
+    assert "[slurm] training finished" in log
+    assert log.count("[espo] finished: training finished") == 2, log[-4000:]  # the head and the sampler host
+    assert metric_steps(run_dir) == [1, 2]
+    check_finished(run_dir, 2)
