@@ -411,7 +411,11 @@ class Learner(Actor):
         try:
             while self.step < self.cfg.run.total_steps:
                 batch = await self._take_batch()
-                await self._train(batch)
+                # Once its batch is taken (its groups counted as consumed), a step runs to its end
+                # even if the run is stopped meanwhile (SIGTERM cancels main): teardown waits for
+                # it, so a checkpoint never holds a batch's groups without the step trained on them.
+                self._step_task = asyncio.ensure_future(self._train(batch))
+                await asyncio.shield(self._step_task)
                 every = self.cfg.task.eval_every
                 if every and self.step % every == 0 and self.step < self.cfg.run.total_steps:
                     self._request_eval()
@@ -609,8 +613,18 @@ class Learner(Actor):
         (if any) finishes first (the trainer lock); the log keeps what was received since."""
         if hasattr(self, "wal"):
             self.wal.close()
+        step_ok = True
+        step_task = getattr(self, "_step_task", None)
+        if step_task is not None and not step_task.done():
+            self.log.info("stopping: waiting for the training step in progress to end")
+            try:
+                await step_task
+            except Exception:
+                step_ok = False  # its groups are consumed but not trained: keep the last checkpoint
+                self.log.exception("the step in flight failed while stopping; no checkpoint saved")
         try:
-            if self.status != "failed" and 0 < self.step < self.cfg.run.total_steps and hasattr(self, "trainer"):
+            if (step_ok and self.status != "failed" and 0 < self.step < self.cfg.run.total_steps
+                    and hasattr(self, "trainer")):
                 await asyncio.to_thread(self._save_checkpoint)
                 self.log.info("checkpoint saved at step %d; rerun with --run-dir to resume", self.step)
         finally:
