@@ -48,9 +48,13 @@ def test_quick_fake_sweep_writes_the_report(tmp_path):
         assert (tmp_path / "docs" / "results" / f"{png}.png").stat().st_size > 0
     assert "experiments/evidence.py --quick --fake" in text  # the command that regenerates it
     # A finished run is not run again (an interrupted sweep resumes).
+    # --data-dir puts evidence.json and the plots elsewhere, and the report links there.
     again = subprocess.run(
         [sys.executable, "experiments/evidence.py", "--quick", "--fake", "--steps", "2", "--methods", "ppo",
-         "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "again.md")],
+         "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "again.md"),
+         "--data-dir", str(tmp_path / "data" / "again")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 0 and "skipped" in again.stdout
+    assert set(json.loads((tmp_path / "data" / "again" / "evidence.json").read_text())["aggregate"]) == {"ppo"}
+    assert "](data/again/accuracy_vs_tokens.png)" in (tmp_path / "again.md").read_text()
