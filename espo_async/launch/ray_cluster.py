@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from espo_async.launch import HEAD_ROLES
+from espo_async.utils import set_parent_death_signal
+
 REPO = Path(__file__).resolve().parents[2]
-HEAD_ROLES = "coordinator,learner,stopper,critic"
 EXIT_CONFIG = 2  # bad arguments or config, no cluster, code missing on a node
 EXIT_UNPLACEABLE = 3  # the head could not be placed in time
 EXIT_HEAD_LOST = 4  # the head's node or Ray actor died
@@ -158,13 +160,7 @@ def split_output(buffer: bytes) -> tuple[list[str], bytes]:
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL when the thread that started it (and so the Ray
     worker) dies: a node that dies takes its run.py with it, as a real host would."""
-    import ctypes
-
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
+    set_parent_death_signal(signal.SIGKILL)
 
 
 class HostProcess:
@@ -320,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--head-cpus", type=float, default=1.0, metavar="C", help="CPUs of the head actor")
     parser.add_argument("--head-resource", action="append", default=[], metavar="NAME=AMOUNT",
                         help="a custom Ray resource the head needs (repeatable)")
-    parser.add_argument("--head-roles", default=HEAD_ROLES, help=f"roles of the head (default {HEAD_ROLES})")
+    parser.add_argument("--head-roles", default=",".join(HEAD_ROLES),
+                        help=f"roles of the head (default {','.join(HEAD_ROLES)})")
     parser.add_argument("--base-port", type=int, help="transport.base_port of the head (default: the config's)")
     parser.add_argument("--placement-timeout", type=float, default=120.0, metavar="S",
                         help="give up if the head is not placed within S seconds (sampler hosts: a warning every S)")

@@ -30,9 +30,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from espo_async.config import ROLES
+from espo_async.launch import HEAD_ROLES
+
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_HEAD_ROLES = ("coordinator", "learner", "stopper", "critic")
-ROLES = ("coordinator", "sampler", "critic", "stopper", "learner")  # as espo_async.config.ROLES
 TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # SLURM's time formats: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
 NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
@@ -50,7 +51,7 @@ class Layout:
     sampler_nodes: int
     sets: tuple[str, ...] = ()
     sampler_sets: tuple[str, ...] = ()  # --set for the sampler hosts only (e.g. actors.sampler.count)
-    head_roles: tuple[str, ...] = DEFAULT_HEAD_ROLES
+    head_roles: tuple[str, ...] = HEAD_ROLES
     learner_ranks_per_node: int = 1
     partition: str | None = None
     time: str | None = None
@@ -273,7 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, required=True,
                         help="the run folder, on storage every node sees at this path (same folder: resume)")
     parser.add_argument("--sampler-nodes", type=int, required=True, help="nodes that run samplers (besides the head)")
-    parser.add_argument("--head-roles", default=",".join(DEFAULT_HEAD_ROLES), metavar="ROLE[,ROLE]",
+    parser.add_argument("--head-roles", default=",".join(HEAD_ROLES), metavar="ROLE[,ROLE]",
                         help="roles of the head node (default: %(default)s)")
     parser.add_argument("--learner-ranks-per-node", type=int, default=1,
                         help="> 1: the learner trains data-parallel on this many ranks of the head node (torchrun)")
