@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import inspect
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -70,6 +71,13 @@ class WeightLoader(abc.ABC):
     async def load(self, msg: P.WeightsAnnounced) -> float:
         """Bring the announced weights into the engine; returns the seconds the engine took
         (raises if they cannot be loaded: the caller keeps its weights)."""
+
+    async def _load_file(self, path: Path, version: int) -> float:
+        """Load the safetensors file ``path`` as ``version`` into the engine: the seconds the engine
+        reports, else the seconds the call took."""
+        t0 = time.perf_counter()
+        seconds = await self._call_engine(path, version)
+        return float(seconds) if seconds is not None else time.perf_counter() - t0
 
     async def _call_engine(self, *args):
         """The engine's ``load_weights(*args)``: awaited, or in a worker thread if it blocks."""

@@ -40,6 +40,7 @@ import dataclasses
 import datetime
 import hashlib
 import logging
+import math
 import secrets
 import threading
 import time
@@ -150,12 +151,7 @@ def _dtype(name: str):
 
 
 def spec_nbytes(spec: TensorSpec) -> int:
-    import torch
-
-    n = 1
-    for d in spec[2]:
-        n *= d
-    return n * torch.empty((), dtype=_dtype(spec[1])).element_size()
+    return math.prod(spec[2]) * _dtype(spec[1]).itemsize
 
 
 def _aligned(n: int) -> int:
@@ -525,8 +521,7 @@ class CollectiveLoader(WeightLoader):
                         raise
                     log.warning("version %d: collective receive failed (%s); loading its file", version, e)
         if file is not None:
-            seconds = await self._call_engine(file, version)
-            return float(seconds) if seconds is not None else time.perf_counter() - t0
+            return await self._load_file(file, version)
         raise WeightsUnavailable(
             f"version {version} went to the weight group's members only and this engine is not one (state "
             f"{state!r}); the learner writes files from the next version on, which this engine loads")

@@ -9,7 +9,6 @@ load of an older one may still be in flight.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import protocols as P
@@ -49,6 +48,4 @@ class FilePublisher(WeightPublisher):
 
 class FileLoader(WeightLoader):
     async def load(self, msg: P.WeightsAnnounced) -> float:
-        t0 = time.perf_counter()
-        seconds = await self._call_engine(file_path(msg.uri), msg.version)
-        return float(seconds) if seconds is not None else time.perf_counter() - t0
+        return await self._load_file(file_path(msg.uri), msg.version)
