@@ -64,22 +64,23 @@ def overrides(steps: int, samplers: int, max_tokens: int) -> list[str]:
 BROADCAST = re.compile(r"version (\d+) broadcast to (\d+) engine workers in ([0-9.]+) s")
 
 
-def broadcasts(run_dir: Path) -> dict[int, float]:
-    """Versions the learner broadcast through the weight group -> seconds (its log)."""
+def learner_log(run_dir: Path) -> str:
     log = run_dir / "logs" / "learner.log"
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return {int(m.group(1)): float(m.group(3)) for m in BROADCAST.finditer(text)}
+    return log.read_text(errors="replace") if log.exists() else ""
 
 
-def group_failures(run_dir: Path) -> list[str]:
+def broadcasts(log_text: str) -> dict[int, float]:
+    """Versions the learner broadcast through the weight group -> seconds (from its log)."""
+    return {int(m.group(1)): float(m.group(3)) for m in BROADCAST.finditer(log_text)}
+
+
+def group_failures(log_text: str) -> list[str]:
     """The learner's "weight group ... broken" lines (the run then fell back to files)."""
-    log = run_dir / "logs" / "learner.log"
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return [line for line in text.splitlines() if "weight group" in line and "broken" in line]
+    return [line for line in log_text.splitlines() if "weight group" in line and "broken" in line]
 
 
-def analyse(run_dir: Path) -> list[dict]:
-    sent = broadcasts(run_dir)
+def analyse(run_dir: Path, log_text: str) -> list[dict]:
+    sent = broadcasts(log_text)
     mets = {int(m["step"]): m for m in C.metrics(run_dir)}
     logs = C.sampler_logs(run_dir, "weights")
     rows = []
@@ -117,12 +118,14 @@ async def run_mode(args, steps: int, weights_dir: str, transport: str = "files")
           file=sys.stderr, flush=True)
     run = await C.run_system(cfg, run_dir, timeout=3600)
     label = weights_dir if transport == "files" else f"{transport}/{weights_dir}"
-    rows = [{"weights_dir": weights_dir, "transport": transport, "run": label, **r} for r in analyse(run_dir)]
+    log_text = learner_log(run_dir)
+    rows = [{"weights_dir": weights_dir, "transport": transport, "run": label, **r}
+            for r in analyse(run_dir, log_text)]
     final = list((run_dir / "final").glob("*.safetensors"))
     counted = [r for r in rows if r["via"] == "collective"] if transport == "collective" else rows
     res = {"weights_dir": weights_dir, "transport": transport, "label": label, "rows": rows,
            "policy_bytes": int(sum(f.stat().st_size for f in final)), "run_wall_s": run["wall_s"],
-           "loadavg": C.loadavg(), "counters": C.counters(run["result"]), "group_failures": group_failures(run_dir),
+           "loadavg": C.loadavg(), "counters": C.counters(run["result"]), "group_failures": group_failures(log_text),
            "summary": summary(counted) if counted else {}}
     C.remove_run(run_dir, args.keep)
     return res
