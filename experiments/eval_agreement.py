@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from espo_async.eval_stats import mean_ci95, mean_se  # noqa: E402
-from experiments.plain_pg import sample  # noqa: E402
+from experiments.plain_pg import prompt_ids, sample, sampling_temperature, start, write_result  # noqa: E402
 
 
 async def vllm_sample(model_dir: Path, prompts: list[list[int]], *, n: int, temperature: float, max_tokens: int,
@@ -55,11 +55,9 @@ def per_problem(task, problems, rows) -> list[float]:
 
 
 def main(argv=None) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from espo_async.assets import resolve_model
     from espo_async.config import load_config
-    from espo_async.tasks.registry import make_task
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
@@ -71,11 +69,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     cfg = load_config(a.config, a.set)
     torch.manual_seed(cfg.run.seed)
-    path = resolve_model(cfg.model.policy, cfg)
-    tok = AutoTokenizer.from_pretrained(str(path))
-    task = make_task(cfg.task.name, **cfg.task.options)
+    path, tok, task = start(cfg)
     problems = task.eval_problems()[: a.problems]
-    temperature = cfg.task.eval_temperature or cfg.rollout.temperature
+    temperature = sampling_temperature(cfg)
     max_tokens = cfg.rollout.max_tokens
     eos = tok.eos_token_id
 
@@ -83,7 +79,7 @@ def main(argv=None) -> int:
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     hf = sample(model, tok, task, problems, n=a.samples, temperature=temperature, max_new=max_tokens)
     hf_s = time.time() - t0
-    prompts = [tok.encode(task.format_prompt(p), add_special_tokens=False) for p in problems]
+    prompts = [prompt_ids(tok, task, p) for p in problems]
     t0 = time.time()
     vl = asyncio.run(vllm_sample(path, prompts, n=a.samples, temperature=temperature, max_tokens=max_tokens,
                                  seed=cfg.run.seed, max_model_len=max(map(len, prompts)) + max_tokens + 8))
@@ -105,9 +101,7 @@ def main(argv=None) -> int:
               "samples": a.samples, "temperature": temperature, "max_tokens": max_tokens,
               "hf": hf_sum, "vllm": vl_sum, "vllm_minus_hf": [diff, half]}
     print(json.dumps(result, indent=1))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=1))
+    write_result(result, a.out)
     return 0
 
 

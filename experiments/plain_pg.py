@@ -36,11 +36,40 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
+def prompt_ids(tok, task, problem) -> list[int]:
+    """A problem's prompt tokens as the warm-up trained on them (no special tokens)."""
+    return tok.encode(task.format_prompt(problem), add_special_tokens=False)
+
+
+def start(cfg):
+    """(model folder, tokenizer, task) of a run of ``cfg``: the model built and warmed up exactly
+    as the run would (cached), and its task."""
+    from transformers import AutoTokenizer
+
+    from espo_async.assets import resolve_model
+    from espo_async.tasks.registry import make_task
+
+    path = resolve_model(cfg.model.policy, cfg)
+    return path, AutoTokenizer.from_pretrained(str(path)), make_task(cfg.task.name, **cfg.task.options)
+
+
+def sampling_temperature(cfg) -> float:
+    """The temperature held-out pass@1 is measured at: the evaluation's, else the rollouts'."""
+    return cfg.task.eval_temperature or cfg.rollout.temperature
+
+
+def write_result(result: dict, out: str | None) -> None:
+    """The result JSON at ``out`` (nothing if None)."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=1))
+
+
 @torch.no_grad()
 def sample(model, tok, task, problems, *, n: int, temperature: float, max_new: int, batch: int = 256):
     """``n`` completions per problem: (problem index, response token ids, text), in order."""
     pad = tok.pad_token_id or 0
-    prompts = [tok.encode(task.format_prompt(p), add_special_tokens=False) for p in problems]
+    prompts = [prompt_ids(tok, task, p) for p in problems]
     flat = [(i, prompts[i]) for i in range(len(problems)) for _ in range(n)]
     out = []
     for s in range(0, len(flat), batch):
@@ -72,7 +101,7 @@ def forward(model, tok, task, problems, samples):
     pad = tok.pad_token_id or 0
     rows, spans = [], []
     for i, resp, _ in samples:
-        p = tok.encode(task.format_prompt(problems[i]), add_special_tokens=False)
+        p = prompt_ids(tok, task, problems[i])
         rows.append(p + resp)
         spans.append((len(p), len(resp)))
     width = max(map(len, rows))
@@ -215,11 +244,9 @@ def train(model, tok, task, cfg, *, steps: int, lr: float, optim: str, log, cred
 
 
 def main(argv=None) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from espo_async.assets import resolve_model
     from espo_async.config import load_config
-    from espo_async.tasks.registry import make_task
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/default.yaml")
@@ -241,13 +268,10 @@ def main(argv=None) -> int:
     cfg = load_config(a.config, a.set)
     torch.manual_seed(cfg.run.seed)
     t0 = time.time()
-    path = resolve_model(cfg.model.policy, cfg)
-    tok = AutoTokenizer.from_pretrained(str(path))
+    path, tok, task = start(cfg)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    task = make_task(cfg.task.name, **cfg.task.options)
     problems = task.eval_problems()[: a.eval_problems]
-    ev = dict(n=a.eval_samples, temperature=cfg.task.eval_temperature or cfg.rollout.temperature,
-              max_new=cfg.rollout.max_tokens)
+    ev = dict(n=a.eval_samples, temperature=sampling_temperature(cfg), max_new=cfg.rollout.max_tokens)
     result = {"config": a.config, "overrides": a.set, "argv": argv if argv is not None else sys.argv[1:],
               "model_s": time.time() - t0}
     result["before"] = evaluate(model, tok, task, problems, **ev)
@@ -260,9 +284,7 @@ def main(argv=None) -> int:
         result["train_s"] = time.time() - t1
         result["after"] = evaluate(model, tok, task, problems, **ev)
         print("after", json.dumps(result["after"]), flush=True)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(result, indent=1))
+    write_result(result, a.out)
     return 0
 
 
