@@ -426,13 +426,22 @@ class Learner(Actor):
                 await asyncio.gather(*pending)
             await asyncio.to_thread(self._finish_run)
             # Every actor and every host's supervisor hears that training is over (hosts without
-            # the learner end their runs on it: docs/cluster.md). Repeated: PUB/SUB may drop one.
-            for _ in range(3):
-                self.transport.try_send(self.pub, P.Shutdown(reason="training finished", source="learner"))
+            # the learner end their runs on it: docs/cluster.md). Repeated over about a second,
+            # not in one instant: PUB/SUB drops what a subscriber reconnecting just then (a loaded
+            # host, a TCP or CURVE re-handshake; ZeroMQ retries every 0.1 s) cannot take.
+            await self._say_finished()
             # Returning ends this process with code 0; the supervisor then stops everyone else.
         finally:
             intake.cancel()
             rebroadcast.cancel()
+
+    async def _say_finished(self, times: int = 3) -> None:
+        """The end-of-training ``Shutdown``, ``times`` times, half a second (at most one
+        heartbeat interval) apart."""
+        for i in range(times):
+            if i:
+                await asyncio.sleep(min(0.5, self.cfg.transport.heartbeat_interval_s))
+            self.transport.try_send(self.pub, P.Shutdown(reason="training finished", source="learner"))
 
     async def _train(self, batch: list[P.Trajectory]) -> None:
         from espo_async.training.trainer import TrainSample

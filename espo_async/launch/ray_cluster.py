@@ -461,6 +461,8 @@ class RayLaunch:
                     return self.head.rc
                 if now >= end_by:
                     self.out("[ray] stopping the sampler hosts still running: " + ", ".join(h.name for h in busy))
+                    for host in busy:  # why they did not end: their supervisors' last events
+                        self.out(f"[ray] {host.name}'s last events: {self._last_events(host)}")
                     self._end_all(ray, grace=10.0)
                     return self.head.rc
             ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=POLL_S) if self._pending else ([], [])
@@ -633,6 +635,14 @@ class RayLaunch:
     def _forget(self, host: Host) -> None:
         for ref in [r for r, (_, h) in self._pending.items() if h is host]:
             del self._pending[ref]
+
+    def _last_events(self, host: Host, n: int = 3) -> str:
+        """The last ``n`` lines of ``host``'s RUN/hosts/NAME/events.jsonl (shared storage), or why not."""
+        try:
+            lines = (self.run_dir / "hosts" / host.name / "events.jsonl").read_text().splitlines()
+        except OSError as exc:
+            return f"none readable ({type(exc).__name__})"
+        return " | ".join(lines[-n:]) or "none yet"
 
     def _stop_placing(self, ray) -> None:
         """The head ended: sampler hosts not started yet are not needed any more."""
