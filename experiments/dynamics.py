@@ -1,0 +1,108 @@
+"""How a run's training went, window by window: does the policy learn, drift or collapse?
+
+    python experiments/dynamics.py runs/evidence-long-240 --methods espo ppo --seeds 0 2 \
+        --window 20 --match-step 100 --out docs/results/long240/dynamics.json
+
+For each ``RUN/<method>/seed-<s>`` run folder (experiments/evidence.py's layout): from its
+metrics.jsonl, per window of ``--window`` learner steps, the training accuracy, mean response
+length, the share of rollouts cut at T_max (``truncated_rate``), per-token entropy and the stop
+rate; from eval.jsonl, held-out accuracy with its standard error at every evaluation. And the
+cumulative rollout tokens of each method at ``--match-step`` (a step before any collapse), divided
+by the first method's: token counts after a collapse compare a rambling policy, not a stop rule.
+Prints the tables and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from espo_async.utils import read_jsonl
+
+COLUMNS = ("accuracy", "mean_length", "truncated_rate", "entropy", "stop_rate")
+
+
+def windows(metrics: list[dict], width: int) -> list[dict]:
+    """Means of COLUMNS over consecutive windows of ``width`` learner steps."""
+    out = []
+    for i in range(0, len(metrics), width):
+        rows = metrics[i : i + width]
+        row = {"first_step": rows[0]["step"], "last_step": rows[-1]["step"]}
+        for key in COLUMNS:
+            values = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            row[key] = sum(values) / len(values) if values else None
+        out.append(row)
+    return out
+
+
+def tokens_at(metrics: list[dict], step: int) -> float | None:
+    """Cumulative rollout tokens after learner step ``step`` (None if the run is shorter)."""
+    for row in metrics:
+        if row["step"] >= step:
+            return float(row["cumulative_tokens"])
+    return None
+
+
+def analyse(run_dir: Path, width: int, match_step: int) -> dict:
+    metrics = sorted(read_jsonl(run_dir / "metrics.jsonl"), key=lambda r: r["step"])
+    evals = sorted(read_jsonl(run_dir / "eval.jsonl"), key=lambda r: r["step"])
+    if not metrics:
+        raise SystemExit(f"{run_dir}: no metrics.jsonl rows")
+    return {
+        "run": str(run_dir),
+        "windows": windows(metrics, width),
+        "eval": [{"step": e["step"], "accuracy": e["accuracy"], "se": e.get("accuracy_se")} for e in evals],
+        "tokens_at_match_step": tokens_at(metrics, match_step),
+        "tokens_total": float(metrics[-1]["cumulative_tokens"]),
+    }
+
+
+def _f(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("root", type=Path, help="the sweep's --out folder (RUN/<method>/seed-<s>)")
+    ap.add_argument("--methods", nargs="+", default=["espo", "ppo"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--window", type=int, default=20, help="learner steps per window")
+    ap.add_argument("--match-step", type=int, default=100, help="compare cumulative tokens at this step")
+    ap.add_argument("--out", type=Path, help="write the result as JSON here")
+    a = ap.parse_args(argv)
+    if a.window < 1 or a.match_step < 1:
+        ap.error("--window and --match-step must be at least 1")
+
+    result: dict = {"window": a.window, "match_step": a.match_step, "runs": {}}
+    for method in a.methods:
+        for seed in a.seeds:
+            run_dir = a.root / method / f"seed-{seed}"
+            if not (run_dir / "metrics.jsonl").is_file():
+                print(f"{run_dir}: no metrics.jsonl, skipped")
+                continue
+            r = result["runs"].setdefault(method, {})[str(seed)] = analyse(run_dir, a.window, a.match_step)
+            print(f"\n{method} seed {seed}: held-out "
+                  + ", ".join(f"{e['step']}: {e['accuracy']:.3f} ± {_f(e['se'])}" for e in r["eval"]))
+            print("steps      " + "  ".join(f"{c:>14}" for c in COLUMNS))
+            for w in r["windows"]:
+                print(f"{w['first_step']:>4}-{w['last_step']:<4} " + "  ".join(f"{_f(w[c]):>14}" for c in COLUMNS))
+    ratios: dict = {}
+    base = a.methods[0]
+    for method, per_seed in result["runs"].items():
+        for seed, r in per_seed.items():
+            ref = result["runs"].get(base, {}).get(seed, {}).get("tokens_at_match_step")
+            if ref and r["tokens_at_match_step"]:
+                ratios.setdefault(method, {})[seed] = r["tokens_at_match_step"] / ref
+    result["tokens_vs_first_method_at_match_step"] = ratios
+    print(f"\ncumulative rollout tokens at step {a.match_step}, relative to {base}: {json.dumps(ratios)}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=1))
+        print(f"written: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
