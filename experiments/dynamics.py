@@ -9,6 +9,9 @@ length, the share of rollouts cut at T_max (``truncated_rate``), per-token entro
 rate; from eval.jsonl, held-out accuracy with its standard error at every evaluation. And the
 cumulative rollout tokens of each method at ``--match-step`` (a step before any collapse), divided
 by the first method's: token counts after a collapse compare a rambling policy, not a stop rule.
+With ``--eos``, also from learner/trajectories.log (every trained rollout): per window of policy
+versions, the probability the policy gave the EOS it sampled, in right and in wrong rollouts
+that ended with EOS (does the end of an answer lose probability before rollouts stop ending?).
 Prints the tables and writes them as JSON.
 """
 
@@ -22,6 +25,39 @@ from pathlib import Path
 from espo_async.utils import read_jsonl
 
 COLUMNS = ("accuracy", "mean_length", "truncated_rate", "entropy", "stop_rate")
+
+
+def eos_windows(run_dir: Path, width: int) -> list[dict]:
+    """Per window of ``width`` policy versions (a rollout's newest), over the rollouts that ended
+    with the tokenizer's EOS: how many were right and wrong, and the mean probability of the
+    sampled EOS in each (exp of its behaviour log-prob)."""
+    import json
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from espo_async.config import parse_config
+    from espo_async.runtime.trajectory_log import replay
+    from espo_async.tasks.registry import make_task
+    from espo_async.tasks.reward import TaskReward
+
+    cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    reward = TaskReward(make_task(cfg.task.name, **cfg.task.options))
+    policy_dir = json.loads((run_dir / "assets.json").read_text())["policy_dir"]  # the run's start model
+    eos = int(AutoTokenizer.from_pretrained(policy_dir).eos_token_id)
+    acc: dict[int, dict] = {}
+    for t in replay(run_dir / "learner" / "trajectories.log"):
+        if t.purpose != "train" or not len(t.token_ids):
+            continue
+        w = acc.setdefault(int(max(t.versions)) // width, {"rollouts": 0, "right": [], "wrong": []})
+        w["rollouts"] += 1
+        if int(t.token_ids[-1]) == eos:
+            w["right" if reward(t.prompt_id, t.text) == 1.0 else "wrong"].append(math.exp(float(t.logprobs[-1])))
+    return [{"first_version": k * width, "rollouts": w["rollouts"],
+             "ended_with_eos": (len(w["right"]) + len(w["wrong"])) / w["rollouts"],
+             "right": len(w["right"]), "p_eos_right": sum(w["right"]) / len(w["right"]) if w["right"] else None,
+             "wrong": len(w["wrong"]), "p_eos_wrong": sum(w["wrong"]) / len(w["wrong"]) if w["wrong"] else None}
+            for k, w in sorted(acc.items())]
 
 
 def windows(metrics: list[dict], width: int) -> list[dict]:
@@ -45,7 +81,7 @@ def tokens_at(metrics: list[dict], step: int) -> float | None:
     return None
 
 
-def analyse(run_dir: Path, width: int, match_step: int) -> dict:
+def analyse(run_dir: Path, width: int, match_step: int, eos: bool = False) -> dict:
     metrics = sorted(read_jsonl(run_dir / "metrics.jsonl"), key=lambda r: r["step"])
     evals = sorted(read_jsonl(run_dir / "eval.jsonl"), key=lambda r: r["step"])
     if not metrics:
@@ -53,6 +89,7 @@ def analyse(run_dir: Path, width: int, match_step: int) -> dict:
     return {
         "run": str(run_dir),
         "windows": windows(metrics, width),
+        **({"eos": eos_windows(run_dir, width)} if eos else {}),
         "eval": [{"step": e["step"], "accuracy": e["accuracy"], "se": e.get("accuracy_se")} for e in evals],
         "tokens_at_match_step": tokens_at(metrics, match_step),
         "tokens_total": float(metrics[-1]["cumulative_tokens"]),
@@ -70,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--window", type=int, default=20, help="learner steps per window")
     ap.add_argument("--match-step", type=int, default=100, help="compare cumulative tokens at this step")
+    ap.add_argument("--eos", action="store_true", help="also the sampled EOS's probability per window (reads "
+                    "learner/trajectories.log: slower)")
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     a = ap.parse_args(argv)
     if a.window < 1 or a.match_step < 1:
@@ -82,12 +121,15 @@ def main(argv: list[str] | None = None) -> int:
             if not (run_dir / "metrics.jsonl").is_file():
                 print(f"{run_dir}: no metrics.jsonl, skipped")
                 continue
-            r = result["runs"].setdefault(method, {})[str(seed)] = analyse(run_dir, a.window, a.match_step)
+            r = result["runs"].setdefault(method, {})[str(seed)] = analyse(run_dir, a.window, a.match_step, a.eos)
             print(f"\n{method} seed {seed}: held-out "
                   + ", ".join(f"{e['step']}: {e['accuracy']:.3f} ± {_f(e['se'])}" for e in r["eval"]))
             print("steps      " + "  ".join(f"{c:>14}" for c in COLUMNS))
             for w in r["windows"]:
                 print(f"{w['first_step']:>4}-{w['last_step']:<4} " + "  ".join(f"{_f(w[c]):>14}" for c in COLUMNS))
+            for w in r.get("eos", []):
+                print(f"  versions {w['first_version']:>4}+: ended with EOS {w['ended_with_eos']:.3f}; p(EOS) "
+                      f"right {_f(w['p_eos_right'], 4)} ({w['right']}), wrong {_f(w['p_eos_wrong'], 4)} ({w['wrong']})")
     ratios: dict = {}
     base = a.methods[0]
     for method, per_seed in result["runs"].items():

@@ -45,3 +45,46 @@ def test_tokens_are_compared_at_the_matched_step_not_at_the_end(tmp_path, capsys
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--window", "0"])
+
+
+def test_eos_probability_is_split_by_right_and_wrong_answers(tmp_path, tiny_model_dir):
+    import math
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from espo_async.config import parse_config
+    from espo_async.runtime.trajectory_log import TrajectoryLog
+    from espo_async.tasks.registry import make_task
+    from experiments.dynamics import eos_windows
+    from protocols import messages as P
+
+    cfg = parse_config({"task": {"name": "arithmetic", "options": {"n_steps": 3}}})
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    (tmp_path / "assets.json").write_text(json.dumps({"policy_dir": tiny_model_dir}))
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+    problem = make_task("arithmetic", n_steps=3).train_problems()[0]
+    gold = make_task("arithmetic", n_steps=3).solution(problem)
+    (tmp_path / "learner").mkdir()
+    log = TrajectoryLog(tmp_path / "learner" / "trajectories.log")
+
+    def traj(i: int, version: int, text: str, last: int, p_last: float) -> P.Trajectory:
+        n = 3
+        return P.Trajectory(
+            request_id=f"r{i}", prompt_id=f"g{i}/{problem.id}", sample_index=0, group_size=1, sampler_id="s",
+            prompt_token_ids=np.array([1, 5], np.int32), token_ids=np.array([7, 8, last], np.int32),
+            logprobs=np.array([-0.1, -0.1, math.log(p_last)], np.float32), top1_logprobs=np.zeros(n, np.float32),
+            versions=np.full(n, version, np.int32), ending="finished" if last == eos else "truncated",
+            finish_reason="stop" if last == eos else "length", tokens_generated=n, text=text)
+
+    log.append(traj(0, 0, gold, eos, 0.9))   # right, version 0
+    log.append(traj(1, 1, "1+1=5.", eos, 0.5))  # wrong
+    log.append(traj(2, 1, "1+1=5", 7, 0.5))  # cut at T_max: no EOS
+    log.append(traj(3, 12, gold, eos, 0.2))  # right, the second window
+    log.close()
+    w = eos_windows(tmp_path, 10)
+    assert [x["first_version"] for x in w] == [0, 10]
+    assert w[0]["rollouts"] == 3 and w[0]["ended_with_eos"] == pytest.approx(2 / 3)
+    assert (w[0]["right"], w[0]["wrong"]) == (1, 1)
+    assert w[0]["p_eos_right"] == pytest.approx(0.9) and w[0]["p_eos_wrong"] == pytest.approx(0.5)
+    assert w[1]["p_eos_right"] == pytest.approx(0.2) and w[1]["p_eos_wrong"] is None
