@@ -52,7 +52,7 @@ def resolve_model(spec: str, config: Config, *, log=print) -> Path:
             hidden=config.model.tiny_hidden,
             heads=config.model.tiny_hidden // 32,
             kv_heads=max(1, config.model.tiny_hidden // 64),
-            seed=config.run.seed,
+            seed=config.model_seed,
             max_position=max(512, 2 * config.rollout.max_tokens),
         )
         if config.model.sft_steps > 0:

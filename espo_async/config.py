@@ -230,6 +230,11 @@ class ModelConfig(_Section):
         "spread over the vocabulary. s > 0 leaves the greedy answer intact but makes sampling at temperature 1 "
         "slip (a low-probability token, a regret spike), which RL can remove (docs/results.notes.md).",
     )
+    seed: int | None = Field(
+        None, ge=0,
+        description="Seed of the tiny model's initialisation and supervised warm-up (None: run.seed). Set it to "
+        "keep one start model while run.seed varies the RL run alone (seeds that differ only in RL).",
+    )
     tiny_layers: int = Field(2, ge=1, description="Tiny model: layers.")
     tiny_hidden: int = Field(64, ge=32, description="Tiny model: hidden size (head size is 32: vLLM's CPU kernels need >= 32).")
 
@@ -629,6 +634,11 @@ class Config(_Section):
         if self.rollout.window_tokens > 0:
             _check_windows(self)
         return self
+
+    @property
+    def model_seed(self) -> int:
+        """The seed of the tiny start model, its initialisation and warm-up: ``model.seed``, else ``run.seed``."""
+        return self.run.seed if self.model.seed is None else self.model.seed
 
     @property
     def batch_trajectories(self) -> int:

@@ -34,7 +34,7 @@ def _key(base_dir: Path, config) -> dict:
         "steps": config.model.sft_steps,
         "batch": config.model.sft_batch,
         "lr": config.model.sft_lr,
-        "seed": config.run.seed,
+        "seed": config.model_seed,
         # only when set: the warm-ups cached before this option keep their keys
         **({"label_smoothing": config.model.sft_label_smoothing} if config.model.sft_label_smoothing else {}),
     }
@@ -125,8 +125,8 @@ def _train(base_dir: Path, out_dir: Path, config, m, log) -> dict:
 
     from espo_async.tasks.registry import make_task
 
-    torch.manual_seed(config.run.seed)
-    rng = random.Random(config.run.seed)
+    torch.manual_seed(config.model_seed)
+    rng = random.Random(config.model_seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     task = make_task(config.task.name, **config.task.options)

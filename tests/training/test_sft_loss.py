@@ -42,3 +42,17 @@ def test_cache_key_keeps_old_warm_ups_and_separates_smoothed_ones(tmp_path):
     assert "label_smoothing" not in plain  # warm-ups cached before the option keep their key
     smoothed = sft._key(tmp_path, load_config(DEFAULT, overrides=["model.sft_label_smoothing=0.02"]))
     assert smoothed["label_smoothing"] == 0.02 and {k: v for k, v in smoothed.items() if k != "label_smoothing"} == plain
+
+
+def test_model_seed_keeps_one_start_model_while_the_run_seed_varies(tmp_path):
+    from espo_async.config import parse_config
+    from espo_async.models.sft import _key
+    from espo_async.models.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "m", "0123456789+-*=;A.", seed=0)
+    same = parse_config({"run": {"seed": 3}, "model": {"seed": 0, "sft_steps": 10}})
+    seed0 = parse_config({"run": {"seed": 0}, "model": {"sft_steps": 10}})
+    seed3 = parse_config({"run": {"seed": 3}, "model": {"sft_steps": 10}})
+    assert same.model_seed == 0 and seed3.model_seed == 3  # model.seed unset: the run's seed
+    assert _key(base, same) == _key(base, seed0)  # the cached warm-up of seed 0 is reused
+    assert _key(base, seed3) != _key(base, seed0)
