@@ -426,9 +426,9 @@ class Learner(Actor):
                 await asyncio.gather(*pending)
             await asyncio.to_thread(self._finish_run)
             # Every actor and every host's supervisor hears that training is over (hosts without
-            # the learner end their runs on it: docs/cluster.md). Repeated over about a second,
-            # not in one instant: PUB/SUB drops what a subscriber reconnecting just then (a loaded
-            # host, a TCP or CURVE re-handshake; ZeroMQ retries every 0.1 s) cannot take.
+            # the learner end their runs on it: docs/cluster.md). Repeated over 0.4 s, not in one
+            # instant: PUB/SUB drops what a subscriber reconnecting just then (a loaded host, a TCP
+            # or CURVE re-handshake; ZeroMQ retries every 0.1 s) cannot take.
             await self._say_finished()
             # Returning ends this process with code 0; the supervisor then stops everyone else.
         finally:
@@ -436,11 +436,11 @@ class Learner(Actor):
             rebroadcast.cancel()
 
     async def _say_finished(self, times: int = 3) -> None:
-        """The end-of-training ``Shutdown``, ``times`` times, half a second (at most one
-        heartbeat interval) apart."""
+        """The end-of-training ``Shutdown``, ``times`` times, 0.2 s apart (at most one heartbeat
+        interval): longer than ZeroMQ's 0.1 s reconnect interval."""
         for i in range(times):
             if i:
-                await asyncio.sleep(min(0.5, self.cfg.transport.heartbeat_interval_s))
+                await asyncio.sleep(min(0.2, self.cfg.transport.heartbeat_interval_s))
             self.transport.try_send(self.pub, P.Shutdown(reason="training finished", source="learner"))
 
     async def _train(self, batch: list[P.Trajectory]) -> None:
