@@ -31,20 +31,17 @@ def eos_windows(run_dir: Path, width: int) -> list[dict]:
     """Per window of ``width`` policy versions (a rollout's newest), over the rollouts that ended
     with the tokenizer's EOS: how many were right and wrong, and the mean probability of the
     sampled EOS in each (exp of its behaviour log-prob)."""
-    import json
-
-    import yaml
     from transformers import AutoTokenizer
 
-    from espo_async.config import parse_config
+    from espo_async.assets import load_assets
+    from espo_async.config import load_config
     from espo_async.runtime.trajectory_log import replay
     from espo_async.tasks.registry import make_task
     from espo_async.tasks.reward import TaskReward
 
-    cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = load_config(run_dir / "config.yaml")
     reward = TaskReward(make_task(cfg.task.name, **cfg.task.options))
-    policy_dir = json.loads((run_dir / "assets.json").read_text())["policy_dir"]  # the run's start model
-    eos = int(AutoTokenizer.from_pretrained(policy_dir).eos_token_id)
+    eos = int(AutoTokenizer.from_pretrained(load_assets(run_dir).policy_dir).eos_token_id)  # the run's start model
     acc: dict[int, dict] = {}
     for t in replay(run_dir / "learner" / "trajectories.log"):
         if t.purpose != "train" or not len(t.token_ids):

@@ -61,7 +61,8 @@ def test_eos_probability_is_split_by_right_and_wrong_answers(tmp_path, tiny_mode
 
     cfg = parse_config({"task": {"name": "arithmetic", "options": {"n_steps": 3}}})
     (tmp_path / "config.yaml").write_text(cfg.to_yaml())
-    (tmp_path / "assets.json").write_text(json.dumps({"policy_dir": tiny_model_dir}))
+    (tmp_path / "assets.json").write_text(json.dumps(
+        {"policy_dir": tiny_model_dir, "critic_dir": tiny_model_dir, "critic_from_policy": True}))
     eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
     problem = make_task("arithmetic", n_steps=3).train_problems()[0]
     gold = make_task("arithmetic", n_steps=3).solution(problem)
