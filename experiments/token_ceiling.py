@@ -17,16 +17,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from espo_async.tasks.reward import TaskReward
-from espo_async.config import parse_config
+from espo_async.config import load_config
 from espo_async.runtime.trajectory_log import replay
 from espo_async.tasks.registry import make_task
 
 
 def analyse(run_dir: Path) -> dict:
-    cfg = parse_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = load_config(run_dir / "config.yaml")
     reward = TaskReward(make_task(cfg.task.name, **cfg.task.options))
     trajs = [t for t in replay(run_dir / "learner" / "trajectories.log") if t.purpose == "train"]
     if not trajs:
