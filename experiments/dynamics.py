@@ -12,6 +12,8 @@ by the first method's: token counts after a collapse compare a rambling policy, 
 With ``--eos``, also from learner/trajectories.log (every trained rollout): per window of policy
 versions, the probability the policy gave the EOS it sampled, in right and in wrong rollouts
 that ended with EOS (does the end of an answer lose probability before rollouts stop ending?).
+With ``--slips``, per window of versions: how often a sampled token was not the policy's top-1,
+in right and wrong rollouts (do wrong answers come from sampling the low-probability tail?).
 Prints the tables and writes them as JSON.
 """
 
@@ -27,10 +29,9 @@ from espo_async.utils import read_jsonl
 COLUMNS = ("accuracy", "mean_length", "truncated_rate", "entropy", "stop_rate")
 
 
-def eos_windows(run_dir: Path, width: int) -> list[dict]:
-    """Per window of ``width`` policy versions (a rollout's newest), over the rollouts that ended
-    with the tokenizer's EOS: how many were right and wrong, and the mean probability of the
-    sampled EOS in each (exp of its behaviour log-prob)."""
+def scored_rollouts(run_dir: Path):
+    """Every trained rollout of a run (learner/trajectories.log) with whether its answer is right,
+    and the EOS token id of the run's start model: (trajectory, right) pairs, then the EOS id."""
     from transformers import AutoTokenizer
 
     from espo_async.assets import load_assets
@@ -41,20 +42,69 @@ def eos_windows(run_dir: Path, width: int) -> list[dict]:
 
     cfg = load_config(run_dir / "config.yaml")
     reward = TaskReward(make_task(cfg.task.name, **cfg.task.options))
-    eos = int(AutoTokenizer.from_pretrained(load_assets(run_dir).policy_dir).eos_token_id)  # the run's start model
-    acc: dict[int, dict] = {}
-    for t in replay(run_dir / "learner" / "trajectories.log"):
-        if t.purpose != "train" or not len(t.token_ids):
-            continue
-        w = acc.setdefault(int(max(t.versions)) // width, {"rollouts": 0, "right": [], "wrong": []})
-        w["rollouts"] += 1
-        if int(t.token_ids[-1]) == eos:
-            w["right" if reward(t.prompt_id, t.text) == 1.0 else "wrong"].append(math.exp(float(t.logprobs[-1])))
-    return [{"first_version": k * width, "rollouts": w["rollouts"],
-             "ended_with_eos": (len(w["right"]) + len(w["wrong"])) / w["rollouts"],
-             "right": len(w["right"]), "p_eos_right": sum(w["right"]) / len(w["right"]) if w["right"] else None,
-             "wrong": len(w["wrong"]), "p_eos_wrong": sum(w["wrong"]) / len(w["wrong"]) if w["wrong"] else None}
-            for k, w in sorted(acc.items())]
+    eos = int(AutoTokenizer.from_pretrained(load_assets(run_dir).policy_dir).eos_token_id)
+    rollouts = [(t, reward(t.prompt_id, t.text) == 1.0) for t in replay(run_dir / "learner" / "trajectories.log")
+                if t.purpose == "train" and len(t.token_ids)]
+    return rollouts, eos
+
+
+def _by_version(rollouts, width: int) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for t, right in rollouts:
+        out.setdefault(int(max(t.versions)) // width, []).append((t, right))
+    return dict(sorted(out.items()))
+
+
+def eos_windows(run_dir: Path, width: int) -> list[dict]:
+    """Per window of ``width`` policy versions (a rollout's newest), over the rollouts that ended
+    with the tokenizer's EOS: how many were right and wrong, and the mean probability of the
+    sampled EOS in each (exp of its behaviour log-prob)."""
+    rollouts, eos = scored_rollouts(run_dir)
+    out = []
+    for k, group in _by_version(rollouts, width).items():
+        p = {True: [], False: []}
+        for t, right in group:
+            if int(t.token_ids[-1]) == eos:
+                p[right].append(math.exp(float(t.logprobs[-1])))
+        out.append({"first_version": k * width, "rollouts": len(group),
+                    "ended_with_eos": (len(p[True]) + len(p[False])) / len(group),
+                    "right": len(p[True]), "p_eos_right": sum(p[True]) / len(p[True]) if p[True] else None,
+                    "wrong": len(p[False]), "p_eos_wrong": sum(p[False]) / len(p[False]) if p[False] else None})
+    return out
+
+
+def slip_windows(run_dir: Path, width: int, margin: float = 1e-3) -> list[dict]:
+    """Per window of ``width`` policy versions: how often a sampled token was not the policy's most
+    likely one (its log-prob below the streamed top-1 log-prob by more than ``margin``), per token
+    over every kept token (a stopped rollout's up to its stop) and per right and wrong rollout
+    among those not stopped, and the mean probability of those tokens. If wrong rollouts nearly all hold such a token and right ones
+    seldom do, the policy fails by sampling its low-probability tail ("slips"), which greedy
+    decoding would avoid; the per-token rate is what RL has to push down."""
+    import numpy as np
+
+    rollouts, _ = scored_rollouts(run_dir)
+    out = []
+    for k, group in _by_version(rollouts, width).items():
+        tokens = off = 0
+        with_slip = {True: 0, False: 0}
+        n = {True: 0, False: 0}
+        p_off: list[float] = []
+        for t, right in group:
+            lp = np.asarray(t.logprobs, dtype=float)
+            slip = lp < np.asarray(t.top1_logprobs, dtype=float) - margin
+            tokens += len(lp)
+            off += int(slip.sum())
+            p_off.extend(np.exp(lp[slip]).tolist())
+            if t.ending == "absorbed":
+                continue  # no answer to score
+            n[right] += 1
+            with_slip[right] += bool(slip.any())
+        out.append({"first_version": k * width, "rollouts": n[True] + n[False],
+                    "off_top1_per_token": off / tokens if tokens else None,
+                    "p_off_top1_mean": float(np.mean(p_off)) if p_off else None,
+                    "right": n[True], "right_with_slip": with_slip[True] / n[True] if n[True] else None,
+                    "wrong": n[False], "wrong_with_slip": with_slip[False] / n[False] if n[False] else None})
+    return out
 
 
 def windows(metrics: list[dict], width: int) -> list[dict]:
@@ -78,7 +128,7 @@ def tokens_at(metrics: list[dict], step: int) -> float | None:
     return None
 
 
-def analyse(run_dir: Path, width: int, match_step: int, eos: bool = False) -> dict:
+def analyse(run_dir: Path, width: int, match_step: int, eos: bool = False, slips: bool = False) -> dict:
     metrics = sorted(read_jsonl(run_dir / "metrics.jsonl"), key=lambda r: r["step"])
     evals = sorted(read_jsonl(run_dir / "eval.jsonl"), key=lambda r: r["step"])
     if not metrics:
@@ -87,6 +137,7 @@ def analyse(run_dir: Path, width: int, match_step: int, eos: bool = False) -> di
         "run": str(run_dir),
         "windows": windows(metrics, width),
         **({"eos": eos_windows(run_dir, width)} if eos else {}),
+        **({"slips": slip_windows(run_dir, width)} if slips else {}),
         "eval": [{"step": e["step"], "accuracy": e["accuracy"], "se": e.get("accuracy_se")} for e in evals],
         "tokens_at_match_step": tokens_at(metrics, match_step),
         "tokens_total": float(metrics[-1]["cumulative_tokens"]),
@@ -106,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--match-step", type=int, default=100, help="compare cumulative tokens at this step")
     ap.add_argument("--eos", action="store_true", help="also the sampled EOS's probability per window (reads "
                     "learner/trajectories.log: slower)")
+    ap.add_argument("--slips", action="store_true", help="also how often sampled tokens were not the policy's "
+                    "top-1, in right and wrong rollouts (reads learner/trajectories.log: slower)")
     ap.add_argument("--out", type=Path, help="write the result as JSON here")
     a = ap.parse_args(argv)
     if a.window < 1 or a.match_step < 1:
@@ -118,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (run_dir / "metrics.jsonl").is_file():
                 print(f"{run_dir}: no metrics.jsonl, skipped")
                 continue
-            r = result["runs"].setdefault(method, {})[str(seed)] = analyse(run_dir, a.window, a.match_step, a.eos)
+            r = result["runs"].setdefault(method, {})[str(seed)] = analyse(run_dir, a.window, a.match_step, a.eos, a.slips)
             print(f"\n{method} seed {seed}: held-out "
                   + ", ".join(f"{e['step']}: {e['accuracy']:.3f} ± {_f(e['se'])}" for e in r["eval"]))
             print("steps      " + "  ".join(f"{c:>14}" for c in COLUMNS))
@@ -127,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             for w in r.get("eos", []):
                 print(f"  versions {w['first_version']:>4}+: ended with EOS {w['ended_with_eos']:.3f}; p(EOS) "
                       f"right {_f(w['p_eos_right'], 4)} ({w['right']}), wrong {_f(w['p_eos_wrong'], 4)} ({w['wrong']})")
+            for w in r.get("slips", []):
+                print(f"  versions {w['first_version']:>4}+: off-top-1 tokens {_f(w['off_top1_per_token'], 4)} "
+                      f"(mean p {_f(w['p_off_top1_mean'])}); rollouts with one: right {_f(w['right_with_slip'])} "
+                      f"({w['right']}), wrong {_f(w['wrong_with_slip'])} ({w['wrong']})")
     ratios: dict = {}
     base = a.methods[0]
     for method, per_seed in result["runs"].items():

@@ -47,36 +47,49 @@ def test_bad_arguments_are_refused(tmp_path):
         main([str(tmp_path), "--window", "0"])
 
 
-def test_eos_probability_is_split_by_right_and_wrong_answers(tmp_path, tiny_model_dir):
-    import math
-
+def _trajectory_run(tmp_path: Path, model_dir: str):
+    """A run folder with a config, assets and an empty trajectory log; returns (log, gold answer,
+    EOS id, make) where make(i, version, text, token_ids, logprobs, top1, ending) builds a rollout."""
     import numpy as np
     from transformers import AutoTokenizer
 
     from espo_async.config import parse_config
     from espo_async.runtime.trajectory_log import TrajectoryLog
     from espo_async.tasks.registry import make_task
-    from experiments.dynamics import eos_windows
     from protocols import messages as P
 
     cfg = parse_config({"task": {"name": "arithmetic", "options": {"n_steps": 3}}})
     (tmp_path / "config.yaml").write_text(cfg.to_yaml())
     (tmp_path / "assets.json").write_text(json.dumps(
-        {"policy_dir": tiny_model_dir, "critic_dir": tiny_model_dir, "critic_from_policy": True}))
-    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token_id
+        {"policy_dir": model_dir, "critic_dir": model_dir, "critic_from_policy": True}))
+    eos = AutoTokenizer.from_pretrained(model_dir).eos_token_id
     problem = make_task("arithmetic", n_steps=3).train_problems()[0]
     gold = make_task("arithmetic", n_steps=3).solution(problem)
     (tmp_path / "learner").mkdir()
-    log = TrajectoryLog(tmp_path / "learner" / "trajectories.log")
 
-    def traj(i: int, version: int, text: str, last: int, p_last: float) -> P.Trajectory:
-        n = 3
+    def make(i, version, text, token_ids, logprobs, top1, ending):
+        n = len(token_ids)
         return P.Trajectory(
             request_id=f"r{i}", prompt_id=f"g{i}/{problem.id}", sample_index=0, group_size=1, sampler_id="s",
-            prompt_token_ids=np.array([1, 5], np.int32), token_ids=np.array([7, 8, last], np.int32),
-            logprobs=np.array([-0.1, -0.1, math.log(p_last)], np.float32), top1_logprobs=np.zeros(n, np.float32),
-            versions=np.full(n, version, np.int32), ending="finished" if last == eos else "truncated",
-            finish_reason="stop" if last == eos else "length", tokens_generated=n, text=text)
+            prompt_token_ids=np.array([1, 5], np.int32), token_ids=np.array(token_ids, np.int32),
+            logprobs=np.array(logprobs, np.float32), top1_logprobs=np.array(top1, np.float32),
+            versions=np.full(n, version, np.int32), ending=ending,
+            finish_reason={"finished": "stop", "truncated": "length", "absorbed": "abort"}[ending],
+            stop_index=n - 1 if ending == "absorbed" else -1, tokens_generated=n, text=text)
+
+    return TrajectoryLog(tmp_path / "learner" / "trajectories.log"), gold, eos, make
+
+
+def test_eos_probability_is_split_by_right_and_wrong_answers(tmp_path, tiny_model_dir):
+    import math
+
+    from experiments.dynamics import eos_windows
+
+    log, gold, eos, make = _trajectory_run(tmp_path, tiny_model_dir)
+
+    def traj(i: int, version: int, text: str, last: int, p_last: float):
+        return make(i, version, text, [7, 8, last], [-0.1, -0.1, math.log(p_last)], [0, 0, 0],
+                    "finished" if last == eos else "truncated")
 
     log.append(traj(0, 0, gold, eos, 0.9))   # right, version 0
     log.append(traj(1, 1, "1+1=5.", eos, 0.5))  # wrong
@@ -89,3 +102,23 @@ def test_eos_probability_is_split_by_right_and_wrong_answers(tmp_path, tiny_mode
     assert (w[0]["right"], w[0]["wrong"]) == (1, 1)
     assert w[0]["p_eos_right"] == pytest.approx(0.9) and w[0]["p_eos_wrong"] == pytest.approx(0.5)
     assert w[1]["p_eos_right"] == pytest.approx(0.2) and w[1]["p_eos_wrong"] is None
+
+
+def test_slips_count_sampled_tokens_below_the_top1_in_right_and_wrong_rollouts(tmp_path, tiny_model_dir):
+    import math
+
+    from experiments.dynamics import slip_windows
+
+    log, gold, eos, make = _trajectory_run(tmp_path, tiny_model_dir)
+    top = [math.log(0.99)] * 4
+    log.append(make(0, 0, gold, [7, 8, 9, eos], top, top, "finished"))  # right, every token the top-1
+    log.append(make(1, 0, "1+1=5.", [7, 8, 9, eos], [top[0], math.log(0.004), top[0], top[0]], top,
+                    "finished"))  # wrong: one slip of p 0.004
+    log.append(make(2, 1, "1+1", [7, 8], [math.log(0.002), top[0]], top[:2], "absorbed"))  # stopped: tokens only
+    log.append(make(3, 1, "1+1=5.", [7, 8, 9, eos], top, top, "finished"))  # wrong without a slip
+    log.close()
+    (w,) = slip_windows(tmp_path, 10)
+    assert w["rollouts"] == 3 and (w["right"], w["wrong"]) == (1, 2)
+    assert w["off_top1_per_token"] == pytest.approx(2 / 14)
+    assert w["p_off_top1_mean"] == pytest.approx(0.003, rel=1e-3)
+    assert w["right_with_slip"] == 0.0 and w["wrong_with_slip"] == 0.5
