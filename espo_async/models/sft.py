@@ -79,11 +79,17 @@ def _batches(task, tokenizer, batch_size: int, rng: random.Random):
         yield ids, mask, labels
 
 
-@torch.no_grad()
 def greedy_accuracy(model, tokenizer, task, problems, max_new_tokens: int) -> float:
     """Exact-answer accuracy of greedy decoding (left-padded batch)."""
     if not problems:
         return float("nan")
+    scores = greedy_scores(model, tokenizer, task, problems, max_new_tokens)
+    return sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def greedy_scores(model, tokenizer, task, problems, max_new_tokens: int) -> list[float]:
+    """Each problem's score under greedy decoding (one left-padded batch)."""
     prompts = [tokenizer.encode(task.format_prompt(p), add_special_tokens=False) for p in problems]
     width = max(map(len, prompts))
     pad = tokenizer.pad_token_id or 0
@@ -98,7 +104,7 @@ def greedy_accuracy(model, tokenizer, task, problems, max_new_tokens: int) -> fl
         eos_token_id=tokenizer.eos_token_id,
     )
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return sum(task.score(p, t) for p, t in zip(problems, texts)) / len(problems)
+    return [float(task.score(p, t)) for p, t in zip(problems, texts)]
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
