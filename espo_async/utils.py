@@ -64,6 +64,17 @@ def read_jsonl(path, *, missing_ok: bool = True) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_json(path, value, *, indent: int = 1):
+    """``value`` as JSON at ``path``, its folder created; returns the path."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=indent))
+    return path
+
+
 def atomic_dir(dest, *, keep=None):
     """Context manager publishing a directory in one rename: it yields a fresh temporary sibling
     of ``dest`` to fill; when the block ends without error the temporary folder replaces ``dest``

@@ -24,7 +24,7 @@ import json
 import math
 from pathlib import Path
 
-from espo_async.utils import read_jsonl
+from espo_async.utils import read_jsonl, write_json
 
 COLUMNS = ("accuracy", "mean_length", "truncated_rate", "entropy", "stop_rate")
 
@@ -194,9 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     result["tokens_vs_first_method_at_match_step"] = ratios
     print(f"\ncumulative rollout tokens at step {a.match_step}, relative to {base}: {json.dumps(ratios)}")
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1))
-        print(f"written: {a.out}")
+        print(f"written: {write_json(a.out, result)}")
     return 0
 
 

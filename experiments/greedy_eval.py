@@ -14,14 +14,13 @@ sharpening, not teaching.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from espo_async.eval_stats import mean_se, paired_difference  # noqa: E402
-from espo_async.utils import read_jsonl  # noqa: E402
+from espo_async.utils import read_jsonl, write_json  # noqa: E402
 
 
 def greedy(model_dir: Path, task, problems) -> list[float]:
@@ -79,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['run'][-45:]:45s} {r['problems']:8d} {s['accuracy']:.3f} ± {s['se']:.3f}"
               f"  {f['accuracy']:.3f} ± {f['se']:.3f}  {g['mean']:+.3f} ± {g['se']:.3f} {sampled:>13s}")
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(rows, indent=1))
-        print(f"written: {a.out}")
+        print(f"written: {write_json(a.out, rows)}")
     return 0
 
 

@@ -24,9 +24,9 @@ import random
 import re
 import sys
 import time
-from pathlib import Path
-
 import torch
+
+from espo_async.utils import write_json
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +61,7 @@ def sampling_temperature(cfg) -> float:
 def write_result(result: dict, out: str | None) -> None:
     """The result JSON at ``out`` (nothing if None)."""
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1))
+        write_json(out, result)
 
 
 @torch.no_grad()
