@@ -29,12 +29,9 @@ from espo_async.utils import read_jsonl, write_json
 COLUMNS = ("accuracy", "mean_length", "truncated_rate", "entropy", "stop_rate")
 
 
-def scored_rollouts(run_dir: Path):
-    """Every trained rollout of a run (learner/trajectories.log) with whether its answer is right,
-    and the EOS token id of the run's start model: (trajectory, right) pairs, then the EOS id."""
-    from transformers import AutoTokenizer
-
-    from espo_async.assets import load_assets
+def scored_rollouts(run_dir: Path) -> list:
+    """Every trained rollout of a run (learner/trajectories.log), with whether its answer is right
+    under the run's own task: (trajectory, right) pairs."""
     from espo_async.config import load_config
     from espo_async.runtime.trajectory_log import replay
     from espo_async.tasks.registry import make_task
@@ -42,24 +39,32 @@ def scored_rollouts(run_dir: Path):
 
     cfg = load_config(run_dir / "config.yaml")
     reward = TaskReward(make_task(cfg.task.name, **cfg.task.options))
-    eos = int(AutoTokenizer.from_pretrained(load_assets(run_dir).policy_dir).eos_token_id)
-    rollouts = [(t, reward(t.prompt_id, t.text) == 1.0) for t in replay(run_dir / "learner" / "trajectories.log")
-                if t.purpose == "train" and len(t.token_ids)]
-    return rollouts, eos
+    return [(t, reward(t.prompt_id, t.text) == 1.0) for t in replay(run_dir / "learner" / "trajectories.log")
+            if t.purpose == "train"]
+
+
+def start_model_eos(run_dir: Path) -> int:
+    """The EOS token id of the run's start model (assets.json's policy_dir)."""
+    from transformers import AutoTokenizer
+
+    from espo_async.assets import load_assets
+
+    return int(AutoTokenizer.from_pretrained(load_assets(run_dir).policy_dir).eos_token_id)
 
 
 def _by_version(rollouts, width: int) -> dict[int, list]:
+    """The non-empty rollouts grouped by window of ``width`` policy versions (a rollout's newest)."""
     out: dict[int, list] = {}
     for t, right in rollouts:
-        out.setdefault(int(max(t.versions)) // width, []).append((t, right))
+        if len(t.token_ids):
+            out.setdefault(int(max(t.versions)) // width, []).append((t, right))
     return dict(sorted(out.items()))
 
 
-def eos_windows(run_dir: Path, width: int) -> list[dict]:
-    """Per window of ``width`` policy versions (a rollout's newest), over the rollouts that ended
-    with the tokenizer's EOS: how many were right and wrong, and the mean probability of the
-    sampled EOS in each (exp of its behaviour log-prob)."""
-    rollouts, eos = scored_rollouts(run_dir)
+def eos_windows(rollouts, eos: int, width: int) -> list[dict]:
+    """Per window of ``width`` policy versions, over the ``rollouts`` (scored_rollouts) that ended
+    with ``eos``: how many were right and wrong, and the mean probability of the sampled EOS in
+    each (exp of its behaviour log-prob)."""
     out = []
     for k, group in _by_version(rollouts, width).items():
         p = {True: [], False: []}
@@ -73,16 +78,16 @@ def eos_windows(run_dir: Path, width: int) -> list[dict]:
     return out
 
 
-def slip_windows(run_dir: Path, width: int, margin: float = 1e-3) -> list[dict]:
-    """Per window of ``width`` policy versions: how often a sampled token was not the policy's most
-    likely one (its log-prob below the streamed top-1 log-prob by more than ``margin``), per token
-    over every kept token (a stopped rollout's up to its stop) and per right and wrong rollout
-    among those not stopped, and the mean probability of those tokens. If wrong rollouts nearly all hold such a token and right ones
-    seldom do, the policy fails by sampling its low-probability tail ("slips"), which greedy
-    decoding would avoid; the per-token rate is what RL has to push down."""
+def slip_windows(rollouts, width: int, margin: float = 1e-3) -> list[dict]:
+    """Per window of ``width`` policy versions of the ``rollouts`` (scored_rollouts): how often a
+    sampled token was not the policy's most likely one (its log-prob below the streamed top-1
+    log-prob by more than ``margin``), per token over every kept token (a stopped rollout's up to
+    its stop) and per right and wrong rollout among those not stopped, and the mean probability of
+    those tokens. If wrong rollouts nearly all hold such a token and right ones seldom do, the
+    policy fails by sampling its low-probability tail ("slips"), which greedy decoding would
+    avoid; the per-token rate is what RL has to push down."""
     import numpy as np
 
-    rollouts, _ = scored_rollouts(run_dir)
     out = []
     for k, group in _by_version(rollouts, width).items():
         tokens = off = 0
@@ -133,11 +138,12 @@ def analyse(run_dir: Path, width: int, match_step: int, eos: bool = False, slips
     evals = sorted(read_jsonl(run_dir / "eval.jsonl"), key=lambda r: r["step"])
     if not metrics:
         raise SystemExit(f"{run_dir}: no metrics.jsonl rows")
+    rollouts = scored_rollouts(run_dir) if eos or slips else []  # one pass over the trajectory log
     return {
         "run": str(run_dir),
         "windows": windows(metrics, width),
-        **({"eos": eos_windows(run_dir, width)} if eos else {}),
-        **({"slips": slip_windows(run_dir, width)} if slips else {}),
+        **({"eos": eos_windows(rollouts, start_model_eos(run_dir), width)} if eos else {}),
+        **({"slips": slip_windows(rollouts, width)} if slips else {}),
         "eval": [{"step": e["step"], "accuracy": e["accuracy"], "se": e.get("accuracy_se")} for e in evals],
         "tokens_at_match_step": tokens_at(metrics, match_step),
         "tokens_total": float(metrics[-1]["cumulative_tokens"]),

@@ -35,7 +35,9 @@ def greedy(model_dir: Path, task, problems) -> list[float]:
     return greedy_scores(model, tok, task, problems, max_new)
 
 
-def analyse(run_dir: Path, n_problems: int | None) -> dict:
+def analyse(run_dir: Path, n_problems: int | None, start_cache: dict | None = None) -> dict:
+    """One run's row. ``start_cache`` keeps the start model's scores across runs that share it
+    (one start model serves every method and RL seed on it): (model, task, problems) -> scores."""
     from espo_async.assets import load_assets
     from espo_async.config import load_config
     from espo_async.tasks.registry import make_task
@@ -46,7 +48,12 @@ def analyse(run_dir: Path, n_problems: int | None) -> dict:
     final = run_dir / "final"
     if not (final / "config.json").is_file():
         raise SystemExit(f"{run_dir}: no final/ model (did the run finish?)")
-    scores = {"start": greedy(Path(load_assets(run_dir).policy_dir), task, problems), "final": greedy(final, task, problems)}
+    start = load_assets(run_dir).policy_dir
+    key = (str(start), cfg.task.name, repr(sorted(cfg.task.options.items())), len(problems))
+    cache = {} if start_cache is None else start_cache
+    if key not in cache:
+        cache[key] = greedy(Path(start), task, problems)
+    scores = {"start": cache[key], "final": greedy(final, task, problems)}
     out: dict = {"run": str(run_dir), "problems": len(problems)}
     for k, v in scores.items():
         m, se = mean_se(v)
@@ -69,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.problems is not None and a.problems < 1:
         ap.error("--problems must be at least 1")
-    rows = [analyse(r, a.problems) for r in a.runs]
+    start_cache: dict = {}
+    rows = [analyse(r, a.problems, start_cache) for r in a.runs]
     print(f"{'run':45s} {'problems':>8s} {'greedy start':>14s} {'greedy final':>14s} {'gain':>15s} {'sampled':>13s}")
     for r in rows:
         s, f, g = r["greedy_start"], r["greedy_final"], r["greedy_gain"]

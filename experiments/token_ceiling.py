@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from espo_async.tasks.reward import TaskReward
-from espo_async.config import load_config
-from espo_async.runtime.trajectory_log import replay
-from espo_async.tasks.registry import make_task
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.dynamics import scored_rollouts  # noqa: E402
 
 
 def stop_saving(generated: np.ndarray, absorbed: np.ndarray) -> dict:
@@ -50,12 +50,11 @@ def stop_saving(generated: np.ndarray, absorbed: np.ndarray) -> dict:
 
 
 def analyse(run_dir: Path) -> dict:
-    cfg = load_config(run_dir / "config.yaml")
-    reward = TaskReward(make_task(cfg.task.name, **cfg.task.options))
-    trajs = [t for t in replay(run_dir / "learner" / "trajectories.log") if t.purpose == "train"]
-    if not trajs:
+    scored = scored_rollouts(run_dir)
+    if not scored:
         raise SystemExit(f"{run_dir}: no training trajectories in learner/trajectories.log")
-    ok = np.array([reward(t.prompt_id, t.text) == 1.0 for t in trajs])
+    trajs = [t for t, _ in scored]
+    ok = np.array([right for _, right in scored])
     length = np.array([len(t.token_ids) for t in trajs], dtype=float)
     absorbed = np.array([t.ending == "absorbed" for t in trajs])
     generated = np.array([t.tokens_generated for t in trajs], dtype=float)

@@ -83,7 +83,7 @@ def _trajectory_run(tmp_path: Path, model_dir: str):
 def test_eos_probability_is_split_by_right_and_wrong_answers(tmp_path, tiny_model_dir):
     import math
 
-    from experiments.dynamics import eos_windows
+    from experiments.dynamics import eos_windows, scored_rollouts, start_model_eos
 
     log, gold, eos, make = _trajectory_run(tmp_path, tiny_model_dir)
 
@@ -96,7 +96,8 @@ def test_eos_probability_is_split_by_right_and_wrong_answers(tmp_path, tiny_mode
     log.append(traj(2, 1, "1+1=5", 7, 0.5))  # cut at T_max: no EOS
     log.append(traj(3, 12, gold, eos, 0.2))  # right, the second window
     log.close()
-    w = eos_windows(tmp_path, 10)
+    assert start_model_eos(tmp_path) == eos
+    w = eos_windows(scored_rollouts(tmp_path), eos, 10)
     assert [x["first_version"] for x in w] == [0, 10]
     assert w[0]["rollouts"] == 3 and w[0]["ended_with_eos"] == pytest.approx(2 / 3)
     assert (w[0]["right"], w[0]["wrong"]) == (1, 1)
@@ -107,7 +108,7 @@ def test_eos_probability_is_split_by_right_and_wrong_answers(tmp_path, tiny_mode
 def test_slips_count_sampled_tokens_below_the_top1_in_right_and_wrong_rollouts(tmp_path, tiny_model_dir):
     import math
 
-    from experiments.dynamics import slip_windows
+    from experiments.dynamics import scored_rollouts, slip_windows
 
     log, gold, eos, make = _trajectory_run(tmp_path, tiny_model_dir)
     top = [math.log(0.99)] * 4
@@ -117,7 +118,7 @@ def test_slips_count_sampled_tokens_below_the_top1_in_right_and_wrong_rollouts(t
     log.append(make(2, 1, "1+1", [7, 8], [math.log(0.002), top[0]], top[:2], "absorbed"))  # stopped: tokens only
     log.append(make(3, 1, "1+1=5.", [7, 8, 9, eos], top, top, "finished"))  # wrong without a slip
     log.close()
-    (w,) = slip_windows(tmp_path, 10)
+    (w,) = slip_windows(scored_rollouts(tmp_path), 10)
     assert w["rollouts"] == 3 and (w["right"], w["wrong"]) == (1, 2)
     assert w["off_top1_per_token"] == pytest.approx(2 / 14)
     assert w["p_off_top1_mean"] == pytest.approx(0.003, rel=1e-3)
