@@ -4,7 +4,8 @@ RL needs a policy that is sometimes right: the randomly initialised tiny model n
 trains it with teacher forcing on ``prompt + solution + EOS`` (loss on the solution and EOS
 only) for ``model.sft_steps`` steps, then caches the result under the cache folder, keyed by a
 hash of everything that affects it (base model, task and its options, steps, hyper-parameters,
-seed), so later runs start at once. The warm-up is deterministic for a given key.
+seed), so later runs start at once. The warm-up is deterministic for a given key and thread
+count (``model.sft_threads``; on another thread count it agrees to rounding).
 """
 
 from __future__ import annotations
@@ -116,10 +117,19 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float 
                                              ignore_index=-100, label_smoothing=label_smoothing)
 
 
+def warm_up_threads(requested: int) -> int:
+    """``model.sft_threads``, capped at the CPUs this process may run on."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(requested, cpus))
+
+
 def train_sft(base_dir: Path, out_dir: Path, config, *, log=print) -> dict:
     m = config.model
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is fastest and never fights other processes
+    torch.set_num_threads(warm_up_threads(m.sft_threads))
     try:
         return _train(base_dir, out_dir, config, m, log)
     finally:

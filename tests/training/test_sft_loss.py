@@ -56,3 +56,12 @@ def test_model_seed_keeps_one_start_model_while_the_run_seed_varies(tmp_path):
     assert same.model_seed == 0 and seed3.model_seed == 3  # model.seed unset: the run's seed
     assert _key(base, same) == _key(base, seed0)  # the cached warm-up of seed 0 is reused
     assert _key(base, seed3) != _key(base, seed0)
+
+
+def test_warm_up_threads_are_capped_at_the_cpus_this_process_may_use():
+    import os
+
+    allowed = len(os.sched_getaffinity(0))
+    assert sft.warm_up_threads(1) == 1
+    assert sft.warm_up_threads(10_000) == allowed
+    assert load_config(DEFAULT).model.sft_threads >= 1
