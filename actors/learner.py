@@ -51,6 +51,7 @@ class EvalRound:
     scores: dict[tuple[str, int], float] = field(default_factory=dict)
     lengths: list[int] = field(default_factory=list)
     finished: int = 0
+    versions: set[int] = field(default_factory=set)  # the policy versions that sampled its tokens
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -291,6 +292,7 @@ class Learner(Actor):
                                 "token_ids": traj.token_ids.tolist()}) + "\n")
         rnd.lengths.append(len(traj.token_ids))
         rnd.finished += traj.ending == "finished"
+        rnd.versions.update(int(v) for v in np.unique(traj.versions))
         if len(rnd.scores) == rnd.expected:
             result = self._eval_result(rnd)
             with (self.run_dir / "eval.jsonl").open("a") as f:
@@ -316,6 +318,9 @@ class Learner(Actor):
             "temperature": rnd.request.temperature,
             "mean_length": float(np.mean(rnd.lengths)) if rnd.lengths else 0.0,
             "finished_rate": rnd.finished / max(n, 1),
+            # [first, last] policy version that sampled the round: a round asked for at step s while
+            # training goes on is a mix of versions s.. (the start-policy round is not: see main)
+            "sampled_versions": [min(rnd.versions), max(rnd.versions)] if rnd.versions else [],
         }
 
     async def _intake_loop(self) -> None:
@@ -407,7 +412,13 @@ class Learner(Actor):
         rebroadcast = asyncio.create_task(self._rebroadcast_loop())
         self._close_batch(None, {})
         self._announce()
-        self._request_eval()  # the policy before training (or at the resumed step)
+        start_eval = self._request_eval()  # the policy before training (or at the resumed step)
+        if start_eval is not None:
+            # Train only once it is sampled. Otherwise the first step's weights reach the engine
+            # while most of its samples are still to come, and "before" is mostly version 1 (seen:
+            # 440 of 512 samples of the round). Its samples go ahead of training work anyway, so
+            # this costs the run about one round's sampling time, once.
+            await start_eval.done.wait()
         try:
             while self.step < self.cfg.run.total_steps:
                 batch = await self._take_batch()

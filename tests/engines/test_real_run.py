@@ -92,6 +92,7 @@ async def test_short_real_run_and_its_checkpoint(tmp_path):
     # The last evaluation ran on vLLM after its last hot weight update (version 2).
     evals = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [e["policy_version"] for e in evals] == [0, 2]
+    assert [e["sampled_versions"] for e in evals] == [[0, 0], [2, 2]]  # no weight update mid-round
     samples = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
     last = sorted((s for s in samples if s["round"] == 2), key=lambda s: s["prompt_id"])
     task = make_task(TASK["name"], **TASK["options"])

@@ -172,13 +172,19 @@ async def test_actors_placement_cpus_and_niceness(tmp_path, tiny_model_dir):
 
 async def test_summary_reports_accuracy_with_errors_and_the_paired_gain(tmp_path, tiny_model_dir):
     """summary.json: both held-out ends with their standard error over problems, and the
-    before/after gain paired by problem (the rounds' prompt ids differ: e0/<id> and e2/<id>)."""
-    cfg = fake_config(run={"total_steps": 2}, task={"eval_problems": 8, "eval_samples": 2})
+    before/after gain paired by problem (the rounds' prompt ids differ: e0/<id> and e2/<id>).
+    "before" is sampled by the start policy alone, however slowly its round is generated."""
+    # The start-policy round (prompt ids e0/...) is generated slowly, so training would race it.
+    slow_eval = {"max_concurrency": 3, "tokens_per_s": 300, "slow_prompts": "e0/", "slow_tokens_per_s": 40}
+    cfg = fake_config(run={"total_steps": 2}, task={"eval_problems": 8, "eval_samples": 2},
+                      actors={"sampler": {"options": slow_eval}})
     result = await run_system(cfg, tmp_path)
     assert result.exit_code == 0, result.reason
     summary = json.loads((tmp_path / "summary.json").read_text())
     before, after = summary["eval_before"], summary["eval_after"]
     assert before["step"] == 0 and after["step"] == 2 and before["n"] == after["n"] == 16
+    # "before" is the start policy alone: training waits until its round is sampled
+    assert before["sampled_versions"] == [0, 0] and after["sampled_versions"] == [2, 2]
     for e in (before, after):
         assert len(e["per_problem"]) == 8 and 0 <= e["accuracy_se"] <= 0.5
         assert sum(e["per_problem"].values()) / 8 == pytest.approx(e["accuracy"])
