@@ -4,7 +4,7 @@ against a synchronous generate-then-train loop of the same system.
     python bench/async_vs_sync.py            # full: 20 steps each, order sync, async, async, sync
     python bench/async_vs_sync.py --quick    # 3 steps each, order sync, async
 
-Both runs are configs/default.yaml (vLLM sampler on core 0; critic, stopper, coordinator and
+Both runs are configs/short-chain.yaml (vLLM sampler on core 0; critic, stopper, coordinator and
 DeepSpeed learner on core 1; 64 rollouts per step; ESPO stopping) with evaluation rounds off, and
 differ only in ``rollout.synchronous``: true makes batch i's rollouts start only after step i
 finished and the sampler loaded its weights (generate, then train, then sync weights, repeat);

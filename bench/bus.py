@@ -7,7 +7,7 @@ engine's token rate.
 
 Side by side in one invocation:
 
-* **engine**: the sampler's vLLM engine (configs/default.yaml: same model, engine arguments,
+* **engine**: the sampler's vLLM engine (configs/short-chain.yaml: same model, engine arguments,
   pinning to core 0) generating ``--engine-prompts`` task prompts (8 samples each) submitted at
   once (the offline baseline of bench/streaming.py); its tokens/s is the rate the bus must carry.
 * **bus**, chunk rows: a producer process pinned to the sampler's core does what the sampler

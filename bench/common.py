@@ -2,7 +2,7 @@
 
 * ``machine()``: what the numbers were measured on (cores, CPU model, memory, load average,
   versions, git commit); every result file carries it, taken at the start and the end.
-* ``bench_config``: configs/default.yaml (the real CPU run) with overrides, as a typed Config.
+* ``bench_config``: configs/short-chain.yaml (the real CPU run) with overrides, as a typed Config.
 * ``run_system``: one whole run of the actor system in this process's event loop (the real
   supervisor and actor processes), optionally sampling each actor's memory meanwhile.
 * readers for what a run leaves behind: the learner's trajectories (write-ahead log),
@@ -33,7 +33,7 @@ from espo_async.utils import read_jsonl
 REPO = Path(__file__).resolve().parents[1]
 
 RESULTS = REPO / "bench" / "results"
-DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "short-chain.yaml"
 
 
 # ------------------------------------------------------------------------------------ machine
@@ -97,7 +97,7 @@ def machine() -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ configs
 def bench_config(overrides: list[str] | None = None, config: Path = DEFAULT_CONFIG):
-    """configs/default.yaml + ``key=value`` overrides; no TensorBoard, no progress bar."""
+    """configs/short-chain.yaml + ``key=value`` overrides; no TensorBoard, no progress bar."""
     from espo_async.config import load_config
 
     # a long heartbeat timeout: on a loaded shared machine a busy actor must not be declared hung

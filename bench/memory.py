@@ -1,9 +1,9 @@
 """Memory: peak resident memory of each actor in the default run.
 
-    python bench/memory.py            # configs/default.yaml, 30 learner steps (with evaluation rounds)
+    python bench/memory.py            # configs/short-chain.yaml, 30 learner steps (with evaluation rounds)
     python bench/memory.py --quick    # 5 steps
 
-The real system of configs/default.yaml (vLLM sampler, HF critic, stopper, coordinator, DeepSpeed
+The real system of configs/short-chain.yaml (vLLM sampler, HF critic, stopper, coordinator, DeepSpeed
 learner, pinned as there); a sampler polls every actor's process tree every 0.25 s (psutil):
 
 * peak RSS of the actor's whole process tree (the vLLM sampler has an engine-core child process;
@@ -31,7 +31,7 @@ async def main_async(args) -> dict:
     steps = args.steps or (5 if args.quick else 30)
     cfg = C.bench_config([f"run.total_steps={steps}", "run.checkpoint_every=0", *args.set])
     run_dir = C.run_dir_for(NAME, args.keep)
-    print(f"[{NAME}] {steps} steps of configs/default.yaml ... (load {C.loadavg()})", file=sys.stderr, flush=True)
+    print(f"[{NAME}] {steps} steps of configs/short-chain.yaml ... (load {C.loadavg()})", file=sys.stderr, flush=True)
     run = await C.run_system(cfg, run_dir, timeout=3600, memory=True)
     peaks = run["memory"]
     rows = []

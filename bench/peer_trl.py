@@ -15,7 +15,7 @@ torch 2.13. Install it in a throwaway venv that sees the project's packages (doc
 
 Both sides, one invocation (order: espo, trl):
 
-* **espo-async**: configs/default.yaml (vLLM sampler on core 0; critic, stopper, coordinator,
+* **espo-async**: configs/short-chain.yaml (vLLM sampler on core 0; critic, stopper, coordinator,
   DeepSpeed learner on core 1; 8 prompts x 8 samples = 64 rollouts per step, 64 tokens max, the
   embedded tiny model after its supervised warm-up, ESPO stopping on), evaluation rounds off.
   s/step = median gap between consecutive ``step_end_time``s (steady state, step 2 onwards);

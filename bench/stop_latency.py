@@ -4,7 +4,7 @@
     python bench/stop_latency.py --quick     # 2 steps, tcp only
     python bench/stop_latency.py --transport tcp --variant nice5:actors.sampler.options.engine_nice=5
 
-Runs the real system of configs/default.yaml (vLLM sampler, HF critic, stopper, DeepSpeed
+Runs the real system of configs/short-chain.yaml (vLLM sampler, HF critic, stopper, DeepSpeed
 learner; pinned as there) with a stop policy that fires often, ``stop.policy random`` at
 ``stop.random_rate`` 0.5 and the warm-up gate off (ESPO's rule fires rarely on this model; the
 decision -> cancel -> abort path is the same for every policy: ``--policy espo`` measures the

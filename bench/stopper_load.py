@@ -3,7 +3,7 @@
     python bench/stopper_load.py            # 10,000 streams x 32 tokens, 2 waves
     python bench/stopper_load.py --quick    # 2,000 streams x 16 tokens, 2 waves
 
-The stopper is the real actor process (``python -m espo_async.runtime.entry``, configs/default.yaml
+The stopper is the real actor process (``python -m espo_async.runtime.entry``, configs/short-chain.yaml
 with the warm-up gate off, so the ESPO rule judges every token); this process plays the samplers
 and the critic over real ZeroMQ sockets: a PUSH into the stopper's stream socket (blocking sends:
 backpressure at the HWM, nothing dropped) carrying fake ``TokenChunk``s (``--chunk`` tokens each,

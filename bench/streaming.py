@@ -10,7 +10,7 @@ Side by side in one invocation (order: pipeline, offline [, pipeline, offline ..
 first pipeline run fixes the prompts every offline run uses; with ``--variant`` every step of
 that order runs once per variant, interleaved, on the same prompts):
 
-* **pipeline**: the real system of configs/default.yaml (vLLM sampler pinned to core 0; HF
+* **pipeline**: the real system of configs/short-chain.yaml (vLLM sampler pinned to core 0; HF
   critic, stopper, coordinator and DeepSpeed learner on core 1) with ``stop.policy none``, no
   evaluation rounds, and ``rollout.staleness`` = the number of steps, so the coordinator issues
   every batch at once and generation never waits for the learner (the learner still trains,

@@ -6,7 +6,7 @@ SmolLM2-135M on CPU.
     python bench/weight_sync.py --samplers 1 --modes shm
     python bench/weight_sync.py --transport both --modes shm   # files against the collective broadcast
 
-The real system of configs/default.yaml with ``model.policy smollm2-135m`` (converted once into
+The real system of configs/short-chain.yaml with ``model.policy smollm2-135m`` (converted once into
 the cache, fp32, 538 MB), the critic a copy of the policy with a value head, a small batch (1
 prompt x 2 samples, 16 tokens: a 135M learner step at batch 64 takes minutes on 2 cores), no
 stopping, no evaluation, and ``--samplers`` vLLM samplers (default 2), all pinned to core 0 like

@@ -6,7 +6,7 @@ Each problem gets ``--samples`` completions from each; the result is pass@1 per 
 its standard error over problems, and the paired difference (vLLM - HF) with its 95% interval
 over problems. It also compares the response lengths and the ending (EOS or the token limit).
 
-    python experiments/eval_agreement.py --config configs/default.yaml --problems 64 --samples 32
+    python experiments/eval_agreement.py --config configs/short-chain.yaml --problems 64 --samples 32
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from espo_async.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--config", default="configs/short-chain.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--problems", type=int, default=64)
     ap.add_argument("--samples", type=int, default=32)

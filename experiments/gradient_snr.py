@@ -9,7 +9,7 @@ between every pair. Independent estimates of the same expected gradient have cos
 It also perturbs the model by isotropic random steps of given norms and re-evaluates, to
 compare the damage of a random direction with that of the gradient's noise directions.
 
-    python experiments/gradient_snr.py --config configs/default.yaml --set task.options.n_steps=9 \
+    python experiments/gradient_snr.py --config configs/short-chain.yaml --set task.options.n_steps=9 \
         --set rollout.max_tokens=128 --set model.sft_steps=450
 """
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from espo_async.tasks.registry import make_task
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--config", default="configs/short-chain.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--norms", type=float, nargs="*", default=[0.3, 1.0], help="random-step norms to evaluate")

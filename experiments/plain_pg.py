@@ -11,8 +11,8 @@ It also measures a regime's headroom before any training (``--steps 0``): held-o
 pass@k at the sampling temperature, greedy accuracy, the share of problems with mixed outcomes,
 per-token entropy, response length, and where the first mistake of wrong rollouts falls.
 
-    python experiments/plain_pg.py --config configs/default.yaml --steps 0 --eval-problems 128 --eval-samples 8
-    python experiments/plain_pg.py --config configs/default.yaml --steps 100 --lr 1e-4 --out runs/plain/default
+    python experiments/plain_pg.py --config configs/short-chain.yaml --steps 0 --eval-problems 128 --eval-samples 8
+    python experiments/plain_pg.py --config configs/short-chain.yaml --steps 100 --lr 1e-4 --out runs/plain/default
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     from espo_async.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--config", default="configs/short-chain.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     ap.add_argument("--steps", type=int, default=0, help="policy-gradient steps (0: only measure the start)")
     ap.add_argument("--lr", type=float, default=None, help="default: the config's algo.lr")

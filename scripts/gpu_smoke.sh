@@ -5,7 +5,7 @@
 #   scripts/gpu_smoke.sh                 # 3 learner steps, the tiny model, then a joined sampler host
 #   PYTHON=/path/to/python scripts/gpu_smoke.sh
 #
-# What runs (docs/cluster.md): configs/default.yaml with the vLLM sampler on CUDA (bfloat16, 30%
+# What runs (docs/cluster.md): configs/short-chain.yaml with the vLLM sampler on CUDA (bfloat16, 30%
 # of the GPU's memory), the HF critic on CUDA, the DeepSpeed learner on CUDA, the tiny model (no
 # download, no supervised warm-up), 3 learner steps. Then the same on two "hosts": a head with
 # coordinator, learner, stopper and critic, and a sampler host that joins it (run.py --join).
@@ -55,11 +55,11 @@ PY
 }
 
 echo "gpu_smoke: 1/2 one host"
-"$PY" run.py --config configs/default.yaml --run-dir "$OUT/single" --set run.name=gpu-smoke "${COMMON[@]}"
+"$PY" run.py --config configs/short-chain.yaml --run-dir "$OUT/single" --set run.name=gpu-smoke "${COMMON[@]}"
 check_run "$OUT/single" 3
 
 echo "gpu_smoke: 2/2 a head and a sampler host that joins it (tcp 127.0.0.1)"
-"$PY" run.py --config configs/default.yaml --run-dir "$OUT/head" --set run.name=gpu-smoke-head "${COMMON[@]}" \
+"$PY" run.py --config configs/short-chain.yaml --run-dir "$OUT/head" --set run.name=gpu-smoke-head "${COMMON[@]}" \
   --set transport.kind=tcp --roles coordinator,learner,stopper,critic &
 HEAD=$!
 trap 'kill $HEAD 2>/dev/null || true' EXIT
