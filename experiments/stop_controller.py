@@ -16,14 +16,13 @@ swings cost false positives.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from espo_async.utils import write_json  # noqa: E402
+from espo_async.utils import read_jsonl, write_json  # noqa: E402
 
 LOW, HIGH = 0.05, 0.4  # a step's stop rate "near 0" / "far above tau = 0.25"
 
@@ -72,14 +71,10 @@ def controller_view(metrics: list[dict], shadows: list[dict]) -> dict:
 
 
 def read_run(run_dir: Path) -> dict:
-    def rows(name: str) -> list[dict]:
-        path = run_dir / name
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-    metrics = rows("metrics.jsonl")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     if not metrics:
         raise SystemExit(f"{run_dir}: no metrics.jsonl (not a run folder?)")
-    return controller_view(metrics, rows("shadow.jsonl"))
+    return controller_view(metrics, read_jsonl(run_dir / "shadow.jsonl"))
 
 
 def main() -> int:
